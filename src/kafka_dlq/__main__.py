@@ -1,0 +1,3 @@
+from kafka_dlq.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""The local dev stack behind ``kafka-dlq dev up | down | status``: one Kafka and one Redis on fixed ports.
+
+The servers outlive the command that starts them; their pids, ports and folders are kept in a small state file
+in the cache folder, so ``status`` and ``down`` find them from another shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kafka_dlq.kafka.admin import broker_answers
+from kafka_dlq.testing.servers import (
+    KAFKA_VERSION,
+    KafkaServer,
+    RedisServer,
+    cache_dir,
+    pid_alive,
+    redis_pings,
+    terminate,
+)
+
+__all__ = ["DEFAULT_KAFKA_PORT", "DEFAULT_REDIS_PORT", "DevStack", "dev_down", "dev_status", "dev_up"]
+
+# Off the well-known 9092/6379 so the dev stack never collides with a Kafka or Redis the user already runs.
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_CONTROLLER_PORT = 19093
+DEFAULT_REDIS_PORT = 16379
+
+
+@dataclass(frozen=True, kw_only=True)
+class DevStack:
+    kafka_pid: int
+    kafka_port: int
+    kafka_controller_port: int
+    kafka_version: str
+    redis_pid: int
+    redis_port: int
+    redis_version: str
+    folder: str
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def settings(self) -> dict[str, Any]:
+        """What a client needs, as ``KAFKA_DLQ_*`` environment variables use them."""
+        return {"KAFKA_DLQ_BOOTSTRAP_SERVERS": self.bootstrap_servers, "KAFKA_DLQ_REDIS_URL": self.redis_url}
+
+
+def _folder() -> Path:
+    # KAFKA_DLQ_DEV_DIR lets tests (and a second stack) keep their own state apart from the user's.
+    return Path(os.environ.get("KAFKA_DLQ_DEV_DIR") or cache_dir() / "dev")
+
+
+def _state_file() -> Path:
+    return _folder() / "state.json"
+
+
+def _load() -> DevStack | None:
+    try:
+        return DevStack(**json.loads(_state_file().read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def dev_status() -> dict[str, Any]:
+    """Whether the dev stack runs, with its connection settings; never raises."""
+    stack = _load()
+    if stack is None:
+        return {"running": False, "kafka": None, "redis": None}
+    kafka_up = pid_alive(stack.kafka_pid) and broker_answers(stack.bootstrap_servers, timeout=2.0)
+    redis_up = pid_alive(stack.redis_pid) and redis_pings(stack.redis_port)
+    return {
+        "running": kafka_up and redis_up,
+        "kafka": {
+            "up": kafka_up,
+            "version": stack.kafka_version,
+            "bootstrap_servers": stack.bootstrap_servers,
+            "pid": stack.kafka_pid,
+            "log": str(Path(stack.folder) / "kafka" / "server.log"),
+        },
+        "redis": {
+            "up": redis_up,
+            "version": stack.redis_version,
+            "url": stack.redis_url,
+            "pid": stack.redis_pid,
+            "log": str(Path(stack.folder) / "redis" / "server.log"),
+        },
+        "settings": stack.settings(),
+    }
+
+
+def dev_up(
+    *,
+    kafka_port: int = DEFAULT_KAFKA_PORT,
+    controller_port: int = DEFAULT_CONTROLLER_PORT,
+    redis_port: int = DEFAULT_REDIS_PORT,
+) -> DevStack:
+    """Start the dev stack, or return the one already running."""
+    stack = _load()
+    if stack is not None and dev_status()["running"]:
+        return stack
+    if stack is not None:
+        dev_down()
+    folder = _folder()
+    kafka = KafkaServer(port=kafka_port, controller_port=controller_port, data_dir=folder / "kafka")
+    redis = RedisServer(port=redis_port, data_dir=folder / "redis", appendonly=True)
+    kafka.start()
+    try:
+        redis.start()
+    except BaseException:
+        kafka.stop()
+        raise
+    assert kafka.process.pid is not None and redis.process.pid is not None
+    stack = DevStack(
+        kafka_pid=kafka.process.pid,
+        kafka_port=kafka.port,
+        kafka_controller_port=kafka.controller_port,
+        kafka_version=KAFKA_VERSION,
+        redis_pid=redis.process.pid,
+        redis_port=redis.port,
+        redis_version=redis.version or "unknown",
+        folder=str(folder),
+    )
+    _state_file().write_text(json.dumps(asdict(stack), indent=2))
+    kafka.process.detach()
+    redis.process.detach()
+    return stack
+
+
+def dev_down(*, purge: bool = False) -> bool:
+    """Stop the dev stack; ``purge`` also deletes its data. False when nothing was running."""
+    stack = _load()
+    if stack is not None:
+        for pid in (stack.kafka_pid, stack.redis_pid):
+            if pid_alive(pid):
+                terminate(pid)
+        _state_file().unlink(missing_ok=True)
+    if purge:
+        shutil.rmtree(_folder(), ignore_errors=True)
+    return stack is not None

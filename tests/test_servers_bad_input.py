@@ -1,0 +1,113 @@
+"""Local servers that cannot start say why in one line, what to do, and where the log is."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from kafka_dlq.errors import KafkaDLQError, ServerError
+from kafka_dlq.testing import KafkaServer, RedisServer
+from kafka_dlq.testing.servers import redis_command
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_no_java_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+
+    with pytest.raises(ServerError) as caught:
+        KafkaServer(data_dir=tmp_path / "k").start()
+
+    assert "`java` was not found" in _one_line(caught.value)
+    assert "JAVA_HOME" in str(caught.value)
+
+
+def test_no_maven_and_no_jars_says_how_to_get_them(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = shutil.which("java")
+    assert java is not None
+    (bin_dir / "java").symlink_to(java)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("KAFKA_DLQ_CACHE", str(tmp_path / "empty-cache"))
+
+    with pytest.raises(ServerError) as caught:
+        KafkaServer(data_dir=tmp_path / "k").start()
+
+    message = _one_line(caught.value)
+    assert "`mvn` was not found" in message
+    assert "apt-get install maven" in message
+
+
+def test_a_port_already_taken_is_named(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+
+        with pytest.raises(ServerError) as kafka_error:
+            KafkaServer(port=port, data_dir=tmp_path / "k").start()
+        with pytest.raises(ServerError) as redis_error:
+            RedisServer(port=port, data_dir=tmp_path / "r").start()
+
+    for caught in (kafka_error, redis_error):
+        assert f"127.0.0.1:{port} is already in use" in _one_line(caught.value)
+
+
+def test_a_bad_setting_is_caught_before_the_broker_starts(tmp_path):
+    server = KafkaServer(data_dir=tmp_path / "k", properties={"num.io.threads": "not-a-number"})
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    message = _one_line(caught.value)
+    assert "formatting Kafka's log folder failed" in message
+    assert "num.io.threads" in message
+
+
+def test_a_broker_that_dies_at_start_reports_the_reason_and_its_log(tmp_path):
+    server = KafkaServer(data_dir=tmp_path / "k")
+    server.start()
+    server.stop()
+    # The folder is formatted now, so the broker itself reads the bad setting, and dies of it.
+    server.properties["num.io.threads"] = "not-a-number"
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    message = _one_line(caught.value)
+    assert "kafka exited with code" in message
+    assert "num.io.threads" in message
+    assert caught.value.log_path == str(server.log_path)
+    assert Path(caught.value.log_path).is_file()
+
+
+def test_a_redis_that_will_not_start_reports_the_reason_and_its_log(tmp_path):
+    server = RedisServer(data_dir=tmp_path / "r", extra_args=["--maxmemory", "lots"])
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    message = _one_line(caught.value)
+    assert "redis exited with code" in message
+    assert "maxmemory" in message
+    assert caught.value.log_path is not None and os.path.isfile(caught.value.log_path)
+
+
+def test_server_errors_are_kafka_dlq_errors():
+    assert issubclass(ServerError, KafkaDLQError)
+
+
+def test_redis_with_aof_on_reports_it(tmp_path):
+    with RedisServer(data_dir=tmp_path / "r", appendonly=True) as redis:
+        info = redis_command(redis.port, "CONFIG", "GET", "appendonly")
+    assert b"yes" in info
