@@ -1,1 +1,86 @@
-"""The kafka-dlq fixtures (real Kafka, real Redis) come from kafka_dlq.testing.pytest_plugin, loaded in pyproject."""
+"""Shared test set-up.
+
+The kafka-dlq fixtures (real Kafka, real Redis) come from kafka_dlq.testing.pytest_plugin, loaded in pyproject.
+Every async test runs under a blocking-call detector: blockbuster's rules (sleep, file and socket I/O, locks ...)
+plus rules for confluent-kafka's calls that wait, which fail when made on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import confluent_kafka
+import pytest
+from blockbuster import BlockBuster, BlockBusterFunction
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
+def _zero_timeout(index: int, name: str = "timeout") -> Callable[..., bool]:
+    """Allowed when the call cannot wait: a timeout of exactly 0."""
+    return lambda *args, **kwargs: _arg(args, kwargs, index, name, -1) == 0
+
+
+def _kafka_rules() -> dict[str, BlockBusterFunction]:
+    consumer, producer = confluent_kafka.Consumer, confluent_kafka.Producer
+    never = lambda *args, **kwargs: False  # noqa: E731
+    rules: dict[str, tuple[type, str, Callable[..., bool]]] = {
+        "Consumer.poll": (consumer, "poll", _zero_timeout(1)),
+        "Consumer.consume": (consumer, "consume", _zero_timeout(2)),
+        "Consumer.commit": (
+            consumer,
+            "commit",
+            lambda *a, **k: k.get("asynchronous", True) is True,
+        ),
+        "Consumer.committed": (consumer, "committed", _zero_timeout(2)),
+        "Consumer.list_topics": (consumer, "list_topics", _zero_timeout(2)),
+        "Consumer.close": (consumer, "close", never),
+        "Producer.poll": (producer, "poll", _zero_timeout(1)),
+        "Producer.flush": (producer, "flush", _zero_timeout(1)),
+        "Producer.list_topics": (producer, "list_topics", _zero_timeout(2)),
+        "Producer.init_transactions": (producer, "init_transactions", never),
+        "Producer.begin_transaction": (producer, "begin_transaction", never),
+        "Producer.send_offsets_to_transaction": (producer, "send_offsets_to_transaction", never),
+        "Producer.commit_transaction": (producer, "commit_transaction", never),
+        "Producer.abort_transaction": (producer, "abort_transaction", never),
+        "Producer.close": (producer, "close", never),
+    }
+    return {
+        f"confluent_kafka.{name}": BlockBusterFunction(owner, method, can_block_predicate=allowed)
+        for name, (owner, method, allowed) in rules.items()
+    }
+
+
+@pytest.fixture
+def blocking_detector() -> Iterator[BlockBuster]:
+    """blockbuster with the confluent-kafka rules, active for the test."""
+    detector = BlockBuster()
+    detector.functions.update(_kafka_rules())
+    detector.activate()
+    try:
+        yield detector
+    finally:
+        detector.deactivate()
+
+
+@pytest.fixture(autouse=True)
+def _detect_blocking_in_async_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    if inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+        request.getfixturevalue("blocking_detector")
+    yield
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Wait until ``condition()`` holds, failing the test with ``what`` after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

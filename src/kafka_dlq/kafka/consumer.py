@@ -1,0 +1,497 @@
+"""An asyncio consumer over confluent-kafka that never blocks the loop and commits only what is done."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from enum import Enum
+from typing import Any, TypeVar
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from kafka_dlq.errors import ClientClosedError, ConfigError, KafkaClientError, TopicNotFoundError
+from kafka_dlq.kafka._thread import ClientState, ClientThread, QuietErrors, librdkafka_log, translate
+from kafka_dlq.kafka.offsets import PartitionOffsets
+from kafka_dlq.kafka.record import KafkaRecord
+
+R = TypeVar("R")
+
+__all__ = ["AsyncConsumer", "CommitMode", "next_offsets"]
+
+log = logging.getLogger("kafka_dlq.kafka.consumer")
+
+TP = tuple[str, int]
+_DONE, _RELEASED = 0, 1
+
+
+class CommitMode(Enum):
+    """Who commits the consumer's offsets."""
+
+    TRACKED = "tracked"
+    """The consumer commits, per partition, the contiguous watermark of records marked done (at least once)."""
+    EXTERNAL = "external"
+    """The application commits (a transaction sends the offsets); ``done`` only frees room for more records."""
+
+
+def next_offsets(records: Iterable[KafkaRecord]) -> list[TopicPartition]:
+    """The offsets to commit after ``records``: per partition, one past the highest offset seen."""
+    highest: dict[TP, int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        if record.offset >= highest.get(key, -1):
+            highest[key] = record.offset
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in highest.items()]
+
+
+_DEFAULTS: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "auto.offset.reset": "earliest",
+    "enable.partition.eof": False,
+}
+_OWNED = {"enable.auto.commit", "enable.auto.offset.store", "on_commit", "error_cb"}
+
+
+class AsyncConsumer:
+    """Consumes ``topics`` on a dedicated thread and hands records to the event loop in batches.
+
+    Mark each record ``done`` once its outcome is durable; the consumer commits, per partition, the highest offset
+    below which every record is done, periodically, before a partition is revoked, and at stop. A partition with
+    ``max_pending`` records not yet done is paused (the thread keeps polling, so the group keeps its member).
+
+    >>> async with AsyncConsumer({"bootstrap.servers": b, "group.id": "g"}, ["orders"]) as consumer:  # doctest: +SKIP
+    ...     async for record in consumer:
+    ...         await handle(record)
+    ...         consumer.done(record)
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        commit_mode: CommitMode = CommitMode.TRACKED,
+        batch_size: int = 500,
+        poll_timeout: float = 0.05,
+        max_pending: int = 5000,
+        commit_interval: float = 1.0,
+        revoke_timeout: float = 15.0,
+        connect_timeout: float = 15.0,
+        on_assign: Callable[[list[TP]], None] | None = None,
+        on_revoke: Callable[[list[TP]], None] | None = None,
+    ) -> None:
+        if "group.id" not in config:
+            raise ConfigError("consumer setting 'group.id' is missing: name the consumer group")
+        if not topics:
+            raise ConfigError("no topics to consume: give at least one topic")
+        clash = _OWNED & set(config)
+        if clash:
+            raise ConfigError(f"consumer settings {sorted(clash)} are managed by kafka-dlq: remove them")
+        self._config = {**_DEFAULTS, **config}
+        self.topics = list(topics)
+        self.commit_mode = commit_mode
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._max_pending = max_pending
+        self._commit_interval = commit_interval
+        self._revoke_timeout = revoke_timeout
+        self._connect_timeout = connect_timeout
+        self._on_assign_cb = on_assign
+        self._on_revoke_cb = on_revoke
+        self.state = ClientState.NEW
+        self._thread: ClientThread[Consumer] | None = None
+        # Loop side.
+        self._buffer: deque[KafkaRecord] = deque()
+        self._arrived = asyncio.Event()
+        self._error: KafkaClientError | None = None
+        self._current: dict[TP, int] = {}  # assigned partition -> generation, as the loop knows it
+        # Thread side.
+        self._marks: queue.SimpleQueue[tuple[int, str, int, int, int]] = queue.SimpleQueue()
+        self._tracked: dict[TP, PartitionOffsets] = {}
+        self._paused: set[TP] = set()
+        self._generation = 0
+        self._dirty = False
+        self._last_commit = 0.0
+        self._closing = False
+        self._quiet = QuietErrors(f"consumer {self.group_id}")
+
+    @property
+    def group_id(self) -> str:
+        return str(self._config["group.id"])
+
+    # ---------------------------------------------------------------- lifecycle (loop)
+
+    async def start(self) -> None:
+        """Connect, check the topics exist, subscribe. Raises BrokerUnreachableError / TopicNotFoundError."""
+        if self.state is not ClientState.NEW:
+            raise ClientClosedError(f"this consumer is {self.state.value}; a consumer starts once: create a new one")
+        self.state = ClientState.STARTING
+        self._thread = ClientThread(
+            f"kafka-dlq-consumer-{self.group_id}", asyncio.get_running_loop(), self._create, self._serve, self._close
+        )
+        self._thread.start()
+        try:
+            await self._thread.started
+        except BaseException:
+            self.state = ClientState.CLOSED
+            await asyncio.shield(self._thread.finished)
+            raise
+        self.state = ClientState.RUNNING
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Commit what is done and leave the group, within ``timeout`` seconds; never blocks the loop."""
+        if self.state in (ClientState.NEW, ClientState.CLOSED):
+            self.state = ClientState.CLOSED
+            return
+        self.state = ClientState.STOPPING
+        thread = self._thread
+        assert thread is not None
+        thread.request_stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(thread.finished), timeout)
+        except TimeoutError:
+            log.error("consumer %s did not close within %.0f s; leaving its thread behind", self.group_id, timeout)
+        except KafkaClientError as exc:
+            log.warning("consumer %s closed with an error: %s", self.group_id, exc)
+        finally:
+            self.state = ClientState.CLOSED
+            self._arrived.set()
+
+    async def __aenter__(self) -> AsyncConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---------------------------------------------------------------- records (loop)
+
+    async def getmany(self, max_records: int = 500, timeout: float = 1.0) -> list[KafkaRecord]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds for the first; [] when none came."""
+        if not self._buffer and self._error is None and self.state is ClientState.RUNNING:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self.state is ClientState.CLOSED and not self._buffer:
+            raise ClientClosedError("the consumer is stopped")
+        out: list[KafkaRecord] = []
+        buffer, current = self._buffer, self._current
+        while buffer and len(out) < max_records:
+            record = buffer.popleft()
+            if current.get((record.topic, record.partition)) == record.generation:
+                out.append(record)
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[KafkaRecord]:
+        while self.state is ClientState.RUNNING or self._buffer:
+            for record in await self.getmany():
+                yield record
+
+    def done(self, record: KafkaRecord) -> None:
+        """Mark ``record`` done: its outcome is durable. Records may be marked in any order."""
+        self._marks.put((_DONE, record.topic, record.partition, record.offset, record.generation))
+
+    def done_many(self, records: Iterable[KafkaRecord]) -> None:
+        put = self._marks.put
+        for record in records:
+            put((_DONE, record.topic, record.partition, record.offset, record.generation))
+
+    async def commit(self) -> list[TopicPartition]:
+        """Commit the done watermarks now (synchronously on the consumer's thread); returns what was committed."""
+        return await self._call(lambda consumer: self._commit_sync(consumer, list(self._tracked)))
+
+    async def committed(self, timeout: float = 10.0) -> list[TopicPartition]:
+        """The group's committed offsets for the current assignment."""
+        return await self._call(lambda consumer: consumer.committed(consumer.assignment(), timeout=timeout))
+
+    async def assignment(self) -> list[TP]:
+        return await self._call(lambda consumer: [(tp.topic, tp.partition) for tp in consumer.assignment()])
+
+    async def group_metadata(self) -> Any:
+        """The consumer's group metadata, for ``TransactionalProducer.send_offsets``."""
+        return await self._call(lambda consumer: consumer.consumer_group_metadata())
+
+    async def rewind(self) -> None:
+        """Go back to the committed offsets of every assigned partition (after an aborted transaction).
+
+        Records read but not committed are dropped from the buffer and will be read again.
+        """
+        await self._call(self._rewind)
+
+    def _call(self, command: Callable[[Consumer], R]) -> asyncio.Future[R]:
+        if self._thread is None or self.state is not ClientState.RUNNING:
+            raise ClientClosedError(f"the consumer is {self.state.value}")
+        return self._thread.call(command)
+
+    # ---------------------------------------------------------------- loop-side callbacks from the thread
+
+    def _on_batch(self, records: list[KafkaRecord]) -> None:
+        self._buffer.extend(records)
+        self._arrived.set()
+
+    def _on_error(self, error: KafkaClientError) -> None:
+        self._error = error
+        self._arrived.set()
+
+    def _on_partitions(self, assigned: dict[TP, int], revoked: list[TP]) -> None:
+        for tp in revoked:
+            self._current.pop(tp, None)
+        self._current.update(assigned)
+        if revoked:
+            # Records of a revoked partition that the application has not taken go back, unprocessed.
+            keep: deque[KafkaRecord] = deque()
+            gone = set(revoked)
+            for record in self._buffer:
+                if (record.topic, record.partition) in gone:
+                    self._marks.put((_RELEASED, record.topic, record.partition, record.offset, record.generation))
+                else:
+                    keep.append(record)
+            self._buffer = keep
+            if self._on_revoke_cb:
+                self._on_revoke_cb(revoked)
+        if assigned and self._on_assign_cb:
+            self._on_assign_cb(list(assigned))
+
+    # ---------------------------------------------------------------- the consumer's thread
+
+    def _create(self) -> Consumer:
+        config = {
+            "logger": librdkafka_log,
+            **self._config,
+            "on_commit": self._on_commit,
+            "error_cb": self._on_client_error,
+        }
+        try:
+            consumer = Consumer(config)
+        except KafkaException as exc:
+            raise translate(exc, "invalid consumer settings") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid consumer settings: {exc}") from None
+        try:
+            metadata = consumer.list_topics(timeout=self._connect_timeout)
+            missing = [t for t in self.topics if not t.startswith("^") and t not in metadata.topics]
+            missing += [t for t in self.topics if t in metadata.topics and metadata.topics[t].error is not None]
+            if missing:
+                raise TopicNotFoundError(
+                    f"topic(s) {', '.join(sorted(set(missing)))} do not exist on {self._config['bootstrap.servers']}:"
+                    " create them or fix the names"
+                )
+            consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
+        except KafkaException as exc:
+            consumer.close()
+            raise translate(exc, f"consumer could not reach {self._config.get('bootstrap.servers')}") from None
+        except BaseException:
+            consumer.close()
+            raise
+        return consumer
+
+    def _serve(self, consumer: Consumer) -> None:
+        self._apply_marks()
+        self._backpressure(consumer)
+        messages = consumer.consume(self._batch_size, self._poll_timeout)
+        if messages:
+            self._hand_over(messages)
+        if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
+            self._commit_async(consumer)
+
+    def _hand_over(self, messages: list[Message]) -> None:
+        records: list[KafkaRecord] = []
+        tracked = self._tracked
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                self._message_error(error)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            offsets = tracked.get((topic, partition))
+            if offsets is None:
+                continue  # a late record of a partition we no longer own
+            offsets.delivered(offset)
+            ts_type, ts = msg.timestamp()
+            headers = msg.headers()
+            records.append(
+                KafkaRecord(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    timestamp=None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
+                    key=msg.key(),
+                    value=msg.value(),
+                    headers=tuple(headers) if isinstance(headers, list) else (),  # type: ignore[arg-type]
+                    generation=offsets.generation,
+                )
+            )
+        if records:
+            assert self._thread is not None
+            self._thread.call_on_loop(self._on_batch, records)
+
+    def _message_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        translated = translate(error, "consume")
+        if error.fatal() or isinstance(translated, TopicNotFoundError):
+            assert self._thread is not None
+            self._thread.call_on_loop(self._on_error, translated)
+        else:
+            log.warning("consumer %s: %s", self.group_id, translated)
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            assert self._thread is not None
+            self._thread.call_on_loop(self._on_error, translate(error, "consumer"))
+        else:  # librdkafka retries these itself (broker down, connection reset ...)
+            self._quiet(error.str())
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            log.warning("consumer %s: commit failed (%s); the next commit covers it", self.group_id, error.str())
+            self._dirty = True
+
+    def _apply_marks(self, limit: int = 100_000) -> None:
+        tracked, marks = self._tracked, self._marks
+        for _ in range(limit):
+            try:
+                kind, topic, partition, offset, generation = marks.get_nowait()
+            except queue.Empty:
+                return
+            offsets = tracked.get((topic, partition))
+            if offsets is None or offsets.generation != generation:
+                continue
+            if kind == _RELEASED:
+                offsets.release(offset)
+            elif offsets.done(offset) and self.commit_mode is CommitMode.TRACKED:
+                self._dirty = True
+
+    def _backpressure(self, consumer: Consumer) -> None:
+        limit = self._max_pending
+        pause, resume = [], []
+        for tp, offsets in self._tracked.items():
+            pending = len(offsets.pending)
+            if tp in self._paused:
+                if pending <= limit // 2:
+                    resume.append(tp)
+            elif pending >= limit:
+                pause.append(tp)
+        if pause:
+            consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self._paused.update(pause)
+        if resume:
+            consumer.resume([TopicPartition(t, p) for t, p in resume])
+            self._paused.difference_update(resume)
+
+    def _watermarks(self, partitions: Iterable[TP]) -> list[TopicPartition]:
+        out = []
+        for tp in partitions:
+            offsets = self._tracked.get(tp)
+            if offsets is not None and offsets.watermark is not None:
+                out.append(TopicPartition(tp[0], tp[1], offsets.watermark))
+        return out
+
+    def _commit_async(self, consumer: Consumer) -> None:
+        self._last_commit = time.monotonic()
+        self._dirty = False
+        offsets = self._watermarks(self._tracked)
+        if offsets and self.commit_mode is CommitMode.TRACKED:
+            consumer.commit(offsets=offsets, asynchronous=True)
+
+    def _commit_sync(self, consumer: Consumer, partitions: list[TP]) -> list[TopicPartition]:
+        self._apply_marks()
+        offsets = self._watermarks(partitions)
+        if not offsets or self.commit_mode is not CommitMode.TRACKED:
+            return []
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.code() == KafkaError._NO_OFFSET:
+                return []
+            raise translate(exc, "commit") from None
+        return offsets
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._generation += 1
+        assigned = {}
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._tracked[key] = PartitionOffsets(self._generation)
+            self._paused.discard(key)
+            assigned[key] = self._generation
+        assert self._thread is not None
+        self._thread.call_on_loop(self._on_partitions, assigned, [])
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Before the partitions go: let in-progress records finish (bounded), then commit what is done."""
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
+        assert self._thread is not None
+        self._thread.call_on_loop(self._on_partitions, {}, revoked)
+        deadline = time.monotonic() + (min(self._revoke_timeout, 2.0) if self._closing else self._revoke_timeout)
+        while time.monotonic() < deadline:
+            self._apply_marks()
+            if not any(self._tracked[tp].pending for tp in revoked if tp in self._tracked):
+                break
+            time.sleep(0.005)
+        else:
+            waiting = sum(len(self._tracked[tp].pending) for tp in revoked if tp in self._tracked)
+            log.warning(
+                "consumer %s: %d records still in progress at revoke; they will be read again", self.group_id, waiting
+            )
+        try:
+            self._commit_sync(consumer, revoked)
+        except KafkaClientError as exc:
+            log.warning("consumer %s: commit at revoke failed: %s", self.group_id, exc)
+        for tp in revoked:
+            self._tracked.pop(tp, None)
+            self._paused.discard(tp)
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lost partitions (session timed out) cannot be committed: forget them; their records come again."""
+        lost = [(tp.topic, tp.partition) for tp in partitions]
+        assert self._thread is not None
+        self._thread.call_on_loop(self._on_partitions, {}, lost)
+        for tp in lost:
+            self._tracked.pop(tp, None)
+            self._paused.discard(tp)
+
+    def _rewind(self, consumer: Consumer) -> None:
+        assignment = consumer.assignment()
+        committed = consumer.committed(assignment, timeout=30)
+        self._generation += 1
+        assigned = {}
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            self._tracked[key] = PartitionOffsets(self._generation)
+            assigned[key] = self._generation
+            offset = tp.offset if tp.offset >= 0 else _reset_offset(self._config.get("auto.offset.reset"))
+            consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        assert self._thread is not None
+        self._thread.call_on_loop(self._on_partitions, assigned, [])
+
+    def _close(self, consumer: Consumer) -> None:
+        self._closing = True
+        try:
+            self._commit_sync(consumer, list(self._tracked))
+        except KafkaClientError as exc:
+            log.warning("consumer %s: commit at close failed: %s", self.group_id, exc)
+        consumer.close()
+
+
+def _reset_offset(policy: object) -> int:
+    return OFFSET_END if policy in ("latest", "largest", "end") else OFFSET_BEGINNING

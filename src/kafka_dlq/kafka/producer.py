@@ -1,0 +1,327 @@
+"""asyncio producers over confluent-kafka: awaitable deliveries, idempotent, ``acks=all``; transactions too.
+
+``produce`` is called from the loop (librdkafka only queues the record); a dedicated thread polls for delivery
+reports and resolves their futures on the loop in batches, and runs every call that waits (flush, transactions,
+metadata) so that none runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from kafka_dlq.errors import ClientClosedError, ConfigError, KafkaClientError, TopicNotFoundError
+from kafka_dlq.kafka._thread import ClientState, ClientThread, QuietErrors, librdkafka_log, translate
+from kafka_dlq.kafka.record import Headers
+
+R = TypeVar("R")
+
+__all__ = ["AsyncProducer", "Delivery", "TransactionalProducer"]
+
+log = logging.getLogger("kafka_dlq.kafka.producer")
+
+_DEFAULTS: dict[str, Any] = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+_YIELD_EVERY = 200
+
+
+class Delivery(NamedTuple):
+    """Where the broker wrote a record."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+_Outcome = tuple["asyncio.Future[Delivery]", KafkaError | None, str, int, int]
+
+
+class AsyncProducer:
+    """Produce from the event loop; ``await`` the delivery when you need it durable.
+
+    >>> async with AsyncProducer({"bootstrap.servers": b}) as producer:   # doctest: +SKIP
+    ...     delivery = await producer.produce("orders", b"value", key=b"k", headers=[("h", b"1")])
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        name: str = "producer",
+        poll_timeout: float = 0.05,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        if "bootstrap.servers" not in config:
+            raise ConfigError("producer setting 'bootstrap.servers' is missing: name the brokers")
+        if "on_delivery" in config or "error_cb" in config:
+            raise ConfigError("producer settings 'on_delivery' and 'error_cb' are managed by kafka-dlq: remove them")
+        self._config = {**_DEFAULTS, **config}
+        self.name = name
+        self._poll_timeout = poll_timeout
+        self._connect_timeout = connect_timeout
+        self.state = ClientState.NEW
+        self._thread: ClientThread[Producer] | None = None
+        self._producer: Producer | None = None
+        self._completed: list[_Outcome] = []
+        self._room = asyncio.Event()
+        self._known_topics: set[str] = set()
+        self._fatal: KafkaClientError | ConfigError | None = None
+        self._sent_since_yield = 0
+        self._quiet = QuietErrors(name)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Create the client on its thread and check a broker answers (BrokerUnreachableError if none does)."""
+        if self.state is not ClientState.NEW:
+            raise ClientClosedError(f"this producer is {self.state.value}; a producer starts once: create a new one")
+        self.state = ClientState.STARTING
+        self._thread = ClientThread(
+            f"kafka-dlq-{self.name}", asyncio.get_running_loop(), self._create, self._serve, self._close
+        )
+        self._thread.start()
+        try:
+            await self._thread.started
+            # produce() is called from the loop (it only queues); everything that waits stays on the thread.
+            self._producer = await self._thread.call(lambda producer: producer)
+            await self._after_start()
+        except BaseException:
+            self.state = ClientState.CLOSED
+            self._thread.request_stop()
+            await asyncio.shield(self._thread.finished)
+            raise
+        self.state = ClientState.RUNNING
+
+    async def _after_start(self) -> None:
+        """Extra start-up work on the thread (transactions)."""
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Deliver what is queued (up to ``timeout`` seconds), then close; never on the loop."""
+        if self.state in (ClientState.NEW, ClientState.CLOSED):
+            self.state = ClientState.CLOSED
+            return
+        self.state = ClientState.STOPPING
+        thread = self._thread
+        assert thread is not None
+        try:
+            remaining = await thread.call(lambda producer: producer.flush(timeout))
+            if remaining:
+                log.error("%s: %d records were not delivered within %.0f s of stopping", self.name, remaining, timeout)
+        except ClientClosedError:
+            pass
+        thread.request_stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(thread.finished), timeout)
+        except TimeoutError:
+            log.error("%s did not close within %.0f s; leaving its thread behind", self.name, timeout)
+        finally:
+            self.state = ClientState.CLOSED
+
+    async def __aenter__(self) -> AsyncProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---------------------------------------------------------------- producing (loop)
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | Sequence[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> asyncio.Future[Delivery]:
+        """Queue a record; returns its delivery future. Waits (without blocking) while the local queue is full."""
+        if self.state is not ClientState.RUNNING or self._producer is None:
+            raise ClientClosedError(f"the producer is {self.state.value}")
+        if self._fatal is not None:
+            raise self._fatal
+        if topic not in self._known_topics:
+            await self._check_topic(topic)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Delivery] = loop.create_future()
+        kwargs: dict[str, Any] = {"on_delivery": functools.partial(self._delivered, future)}
+        if key is not None:
+            kwargs["key"] = key
+        if headers:
+            kwargs["headers"] = list(headers)
+        if partition is not None:
+            kwargs["partition"] = partition
+        if timestamp is not None:
+            kwargs["timestamp"] = timestamp
+        while True:
+            try:
+                self._producer.produce(topic, value, **kwargs)
+                self._sent_since_yield += 1
+                if self._sent_since_yield >= _YIELD_EVERY:
+                    # A tight loop of sends never waits; let the loop breathe so it serves everything else too.
+                    self._sent_since_yield = 0
+                    await asyncio.sleep(0)
+                return future
+            except BufferError:
+                # The local queue is full: wait for delivery reports to make room, never spin or block.
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.5)
+            except KafkaException as exc:
+                raise translate(exc, f"produce to {topic!r}") from None
+
+    async def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | Sequence[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> Delivery:
+        """Produce one record and wait for the broker's acknowledgement."""
+        future = await self.send(topic, value, key=key, headers=headers, partition=partition, timestamp=timestamp)
+        return await future
+
+    async def flush(self, timeout: float = 30.0) -> int:
+        """Wait until queued records are delivered; returns how many are still queued after ``timeout``."""
+        return int(await self._call(lambda producer: producer.flush(timeout)))
+
+    async def _check_topic(self, topic: str) -> None:
+        """Fail fast on a topic that does not exist (librdkafka would only time out, much later)."""
+
+        def lookup(producer: Producer) -> Any:
+            return producer.list_topics(topic, timeout=self._connect_timeout)
+
+        try:
+            metadata = await self._call(lookup)
+        except KafkaException as exc:
+            raise translate(exc, f"metadata for {topic!r}") from None
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise TopicNotFoundError(
+                f"topic {topic!r} does not exist on {self._config['bootstrap.servers']}: create it or fix its name"
+            )
+        self._known_topics.add(topic)
+
+    def _call(self, command: Callable[[Producer], R]) -> asyncio.Future[R]:
+        if self._thread is None or self.state not in (ClientState.RUNNING, ClientState.STARTING):
+            raise ClientClosedError(f"the producer is {self.state.value}")
+        return self._thread.call(command)
+
+    # ---------------------------------------------------------------- delivery reports
+
+    def _delivered(self, future: asyncio.Future[Delivery], error: KafkaError | None, msg: Message) -> None:
+        # On the producer's thread, inside poll() or flush(): collect; _serve hands the batch to the loop.
+        self._completed.append((future, error, msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+
+    def _dispatch(self) -> None:
+        if self._completed:
+            batch, self._completed = self._completed, []
+            assert self._thread is not None
+            self._thread.call_on_loop(self._resolve, batch)
+
+    def _resolve(self, batch: list[_Outcome]) -> None:
+        for future, error, topic, partition, offset in batch:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(Delivery(topic, partition, offset))
+            else:
+                future.set_exception(translate(error, f"delivery to {topic!r}"))
+        self._room.set()
+
+    # ---------------------------------------------------------------- the producer's thread
+
+    def _create(self) -> Producer:
+        config = {"logger": librdkafka_log, **self._config, "error_cb": self._on_client_error}
+        try:
+            producer = Producer(config)
+        except KafkaException as exc:
+            raise translate(exc, "invalid producer settings") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid producer settings: {exc}") from None
+        try:
+            producer.list_topics(timeout=self._connect_timeout)
+        except KafkaException as exc:
+            raise translate(exc, f"producer could not reach {self._config['bootstrap.servers']}") from None
+        return producer
+
+    def _serve(self, producer: Producer) -> None:
+        producer.poll(self._poll_timeout)
+        self._dispatch()
+
+    def _close(self, producer: Producer) -> None:
+        # What flush could not deliver in time is purged, so every waiting future fails instead of hanging.
+        producer.purge(in_queue=True, in_flight=True, blocking=True)
+        producer.poll(0)
+        self._dispatch()
+        producer.close()
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = translate(error, f"{self.name} (fatal)")
+            log.error("%s: %s", self.name, self._fatal)
+        else:
+            self._quiet(error.str())
+
+
+class TransactionalProducer(AsyncProducer):
+    """Consume-transform-produce, exactly once: records and the consumer's offsets commit or abort together.
+
+    >>> async with TransactionalProducer({"bootstrap.servers": b, "transactional.id": "redrive-1"}) as tx:  # +SKIP
+    ...     await tx.begin()
+    ...     await tx.send("orders", b"v")
+    ...     await tx.send_offsets(next_offsets(batch), await consumer.group_metadata())
+    ...     await tx.commit()
+    """
+
+    def __init__(self, config: Mapping[str, Any], *, transaction_timeout: float = 60.0, **kwargs: Any) -> None:
+        if "transactional.id" not in config:
+            raise ConfigError("transactional producer setting 'transactional.id' is missing: give a stable id")
+        super().__init__(config, **kwargs)
+        self._txn_timeout = transaction_timeout
+
+    async def _after_start(self) -> None:
+        await self._txn(lambda producer: producer.init_transactions(self._txn_timeout), "init transactions")
+
+    async def begin(self) -> None:
+        await self._txn(lambda producer: producer.begin_transaction(), "begin transaction")
+
+    async def send_offsets(self, offsets: Iterable[TopicPartition], group_metadata: Any) -> None:
+        """Make committing ``offsets`` for the consumer's group part of the transaction."""
+        offset_list = list(offsets)
+        await self._txn(
+            lambda producer: producer.send_offsets_to_transaction(offset_list, group_metadata, self._txn_timeout),
+            "send offsets to transaction",
+        )
+
+    async def commit(self) -> None:
+        """Commit the transaction: its records become visible to read_committed consumers, its offsets commit."""
+        await self._txn(lambda producer: producer.commit_transaction(self._txn_timeout), "commit transaction")
+
+    async def abort(self) -> None:
+        """Abort the transaction: its records stay invisible, its offsets are not committed."""
+        await self._txn(lambda producer: producer.abort_transaction(self._txn_timeout), "abort transaction")
+
+    async def _txn(self, command: Callable[[Producer], Any], what: str) -> Any:
+        def run(producer: Producer) -> Any:
+            try:
+                return command(producer)
+            except KafkaException as exc:
+                error = translate(exc, what)
+                kafka_error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaClientError):
+                    error.abortable = isinstance(kafka_error, KafkaError) and bool(kafka_error.txn_requires_abort())
+                raise error from None
+            finally:
+                self._dispatch()
+
+        return await self._call(run)

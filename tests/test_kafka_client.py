@@ -1,0 +1,289 @@
+"""The asyncio Kafka client layer, against the real broker: it never blocks the loop and loses no offset."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from kafka_dlq.errors import (
+    BrokerUnreachableError,
+    ClientClosedError,
+    ConfigError,
+    KafkaClientError,
+    RecordTooLargeError,
+    TopicNotFoundError,
+)
+from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, CommitMode, KafkaRecord, TransactionalProducer, next_offsets
+from kafka_dlq.loop_lag import LoopLagProbe
+from kafka_dlq.testing import KafkaServer
+from tests.conftest import wait_for
+from tests.helpers import committed_offsets, read_all, seed
+
+
+def _consumer(bootstrap: str, group: str, topics: list[str], **kwargs) -> AsyncConsumer:
+    return AsyncConsumer({"bootstrap.servers": bootstrap, "group.id": group}, topics, **kwargs)
+
+
+def _records(n: int, size: int = 100) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    return [(f"k{i}".encode(), f"{i:08d}".encode().ljust(size, b"."), [("seq", str(i).encode())]) for i in range(n)]
+
+
+async def test_records_round_trip_with_key_value_and_headers(kafka_bootstrap, topic, group_id):
+    async with AsyncProducer({"bootstrap.servers": kafka_bootstrap}) as producer:
+        deliveries = [
+            await producer.produce(topic, b"v%d" % i, key=b"k%d" % i, headers=[("h", b"\x00\x01"), ("n", None)])
+            for i in range(5)
+        ]
+    assert [d.offset for d in deliveries] == [0, 1, 2, 3, 4]
+
+    got: list[KafkaRecord] = []
+    async with _consumer(kafka_bootstrap, group_id, [topic]) as consumer:
+        while len(got) < 5:
+            batch = await consumer.getmany(timeout=5)
+            got += batch
+            consumer.done_many(batch)
+
+    assert [(r.key, r.value) for r in got] == [(b"k%d" % i, b"v%d" % i) for i in range(5)]
+    assert all(r.headers == (("h", b"\x00\x01"), ("n", None)) for r in got)
+    assert all(r.timestamp and r.timestamp > 1_600_000_000_000 for r in got)
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, topic, 1) == {0: 5}
+
+
+async def test_under_full_load_the_loop_never_stalls(kafka_bootstrap, new_topic, group_id):
+    source, copy = await asyncio.to_thread(new_topic, 3), await asyncio.to_thread(new_topic, 3)
+    total = 30_000
+    payload = b"x" * 1000
+    headers = [("a", b"1"), ("b", b"2"), ("c", b"3")]
+    copied = 0
+    async with (
+        LoopLagProbe() as probe,
+        AsyncProducer({"bootstrap.servers": kafka_bootstrap}) as producer,
+        _consumer(kafka_bootstrap, group_id, [source]) as consumer,
+    ):
+        pending = [await producer.send(source, payload, key=b"%d" % i, headers=headers) for i in range(total)]
+        await asyncio.gather(*pending)
+        while copied < total:
+            batch = await consumer.getmany(max_records=1000, timeout=5)
+            futures = [await producer.send(copy, r.value, key=r.key, headers=r.headers) for r in batch]
+            await asyncio.gather(*futures)
+            consumer.done_many(batch)
+            copied += len(batch)
+    lag = probe.summary()
+    print(f"\nloop lag under load ({total} records produced, consumed and copied): {lag}")
+    assert copied == total
+    assert lag["max"] < 250, lag
+
+
+async def test_out_of_order_completion_commits_only_the_contiguous_watermark(kafka_bootstrap, topic, group_id):
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, _records(100))
+    not_done = {40, 70}
+    async with _consumer(kafka_bootstrap, group_id, [topic]) as consumer:
+        got: list[KafkaRecord] = []
+        while len(got) < 100:
+            got += await consumer.getmany(timeout=5)
+        shuffled = [r for r in got if r.offset not in not_done]
+        random.Random(7).shuffle(shuffled)
+        for record in shuffled:
+            consumer.done(record)
+        committed = await consumer.commit()
+    assert [(tp.partition, tp.offset) for tp in committed] == [(0, 40)]
+
+    redelivered: list[KafkaRecord] = []
+    async with _consumer(kafka_bootstrap, group_id, [topic]) as consumer:
+        while len(redelivered) < 60:
+            batch = await consumer.getmany(timeout=5)
+            assert batch or len(redelivered) == 60, "expected the in-flight window back"
+            redelivered += batch
+        assert await consumer.getmany(timeout=1) == []
+    offsets = [r.offset for r in redelivered]
+    # What comes back is the window from the first record not done: nothing before it, both undone ones included.
+    assert offsets == list(range(40, 100))
+
+
+async def test_a_rebalance_while_records_are_in_flight_loses_nothing(kafka_bootstrap, new_topic, group_id):
+    topic = await asyncio.to_thread(new_topic, 4)
+    total = 2000
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, _records(total))
+    processed: list[tuple[str, int]] = []
+    in_flight_at_revoke: list[int] = []
+    in_progress: dict[str, int] = {"a": 0, "b": 0}
+
+    async def run(name: str, consumer: AsyncConsumer, stop: asyncio.Event) -> None:
+        async def handle(record: KafkaRecord) -> None:
+            await asyncio.sleep(random.uniform(0.01, 0.04))
+            processed.append((name, record.partition * 100_000 + record.offset))
+            consumer.done(record)
+            in_progress[name] -= 1
+
+        while not stop.is_set():
+            batch = await consumer.getmany(max_records=10, timeout=0.2)
+            in_progress[name] += len(batch)
+            await asyncio.gather(*(handle(r) for r in batch))
+
+    stop = asyncio.Event()
+    first = _consumer(
+        kafka_bootstrap, group_id, [topic], on_revoke=lambda parts: in_flight_at_revoke.append(in_progress["a"])
+    )
+    async with first:
+        task_a = asyncio.create_task(run("a", first, stop))
+        await wait_for(lambda: len(processed) >= 300, 30, "the first member to process 300 records")
+        async with _consumer(kafka_bootstrap, group_id, [topic]) as second:
+            task_b = asyncio.create_task(run("b", second, stop))
+            await wait_for(lambda: len({o for _, o in processed}) >= total, 60, "every record processed")
+            stop.set()
+            await asyncio.gather(task_a, task_b)
+    members = {name for name, _ in processed}
+    unique = {o for _, o in processed}
+    duplicates = len(processed) - len(unique)
+    print(f"\nrebalance: {len(processed)} processed, {duplicates} twice, in flight at revoke {in_flight_at_revoke}")
+    assert len(unique) == total
+    assert members == {"a", "b"}
+    assert in_flight_at_revoke, "the first member saw a revoke"
+    assert duplicates <= sum(in_flight_at_revoke)
+
+
+async def test_an_aborted_transaction_leaves_nothing_and_the_retry_commits_both(kafka_bootstrap, new_topic, group_id):
+    source, sink = await asyncio.to_thread(new_topic), await asyncio.to_thread(new_topic)
+    await asyncio.to_thread(seed, kafka_bootstrap, source, _records(10))
+    consumer = _consumer(kafka_bootstrap, group_id, [source], commit_mode=CommitMode.EXTERNAL)
+    producer = TransactionalProducer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{group_id}"})
+    async with consumer, producer:
+
+        async def copy_batch() -> list[KafkaRecord]:
+            batch: list[KafkaRecord] = []
+            while len(batch) < 10:
+                batch += await consumer.getmany(timeout=5)
+            await producer.begin()
+            for record in batch:
+                await producer.send(sink, record.value.upper(), key=record.key, headers=record.headers)
+            await producer.send_offsets(next_offsets(batch), await consumer.group_metadata())
+            return batch
+
+        await copy_batch()
+        await producer.abort()
+        assert await asyncio.to_thread(read_all, kafka_bootstrap, sink, idle=2) == []
+        assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: -1001}
+
+        await consumer.rewind()
+        batch = await copy_batch()
+        await producer.commit()
+        consumer.done_many(batch)
+
+    visible = await asyncio.to_thread(read_all, kafka_bootstrap, sink, expected=10)
+    assert [m.key() for m in visible] == [f"k{i}".encode() for i in range(10)]
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 10}
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    server = KafkaServer(data_dir=tmp_path / "kafka")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_a_broker_restart_mid_run_loses_no_record(own_broker: KafkaServer):
+    from kafka_dlq.kafka.admin import create_topics
+
+    bootstrap = own_broker.bootstrap_servers
+    await asyncio.to_thread(create_topics, bootstrap, {"restart": 2})
+    total = 6000
+    seen: set[int] = set()
+    async with (
+        AsyncProducer({"bootstrap.servers": bootstrap}) as producer,
+        _consumer(bootstrap, "restart-group", ["restart"]) as consumer,
+    ):
+
+        async def consume() -> None:
+            while len(seen) < total:
+                try:
+                    batch = await consumer.getmany(timeout=1)
+                except ClientClosedError:
+                    return
+                except KafkaClientError as exc:  # a transient error must not end the run; show it
+                    print(f"consumer error during restart: {exc}")
+                    continue
+                seen.update(int(r.key) for r in batch)
+                consumer.done_many(batch)
+
+        reader = asyncio.create_task(consume())
+        futures = []
+        for i in range(total):
+            futures.append(await producer.send("restart", b"v", key=str(i).encode()))
+            if i == total // 3:
+                await asyncio.to_thread(own_broker.restart)
+            if i % 500 == 0:
+                await asyncio.sleep(0.05)
+        deliveries = await asyncio.wait_for(asyncio.gather(*futures), 120)
+        try:
+            await asyncio.wait_for(reader, 120)
+        finally:
+            print(f"restart: {len(seen)} of {total} seen")
+    assert len(deliveries) == total
+    assert seen == set(range(total))
+
+
+async def test_unknown_config_keys_are_a_clear_config_error(kafka_bootstrap, topic, group_id):
+    with pytest.raises(ConfigError, match=r"no\.such\.setting"):
+        await AsyncProducer({"bootstrap.servers": kafka_bootstrap, "no.such.setting": 1}).start()
+    with pytest.raises(ConfigError, match=r"no\.such\.setting"):
+        await AsyncConsumer(
+            {"bootstrap.servers": kafka_bootstrap, "group.id": group_id, "no.such.setting": 1}, [topic]
+        ).start()
+    with pytest.raises(ConfigError, match=r"group\.id"):
+        AsyncConsumer({"bootstrap.servers": kafka_bootstrap}, [topic])
+
+
+async def test_an_unreachable_broker_at_start_is_a_clear_error_and_the_loop_stays_responsive():
+    from kafka_dlq.testing import free_port
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    async with LoopLagProbe() as probe:
+        with pytest.raises(BrokerUnreachableError, match=r"check bootstrap\.servers"):
+            await AsyncProducer({"bootstrap.servers": nowhere}, connect_timeout=2).start()
+        with pytest.raises(BrokerUnreachableError):
+            await AsyncConsumer({"bootstrap.servers": nowhere, "group.id": "g"}, ["t"], connect_timeout=2).start()
+    assert probe.summary()["max"] < 250
+
+
+async def test_a_topic_that_does_not_exist_is_a_clear_error(kafka_bootstrap, group_id):
+    with pytest.raises(TopicNotFoundError, match="no-such-topic"):
+        await _consumer(kafka_bootstrap, group_id, ["no-such-topic"]).start()
+    async with AsyncProducer({"bootstrap.servers": kafka_bootstrap}) as producer:
+        with pytest.raises(TopicNotFoundError, match="no-such-topic"):
+            await producer.produce("no-such-topic", b"v")
+
+
+async def test_a_record_too_large_is_a_clear_error(kafka_bootstrap, new_topic):
+    small = await asyncio.to_thread(new_topic, 1, {"max.message.bytes": "2000"})
+    async with LoopLagProbe() as probe, AsyncProducer({"bootstrap.servers": kafka_bootstrap}) as producer:
+        with pytest.raises(RecordTooLargeError, match=r"max\.message\.bytes"):
+            await producer.produce(small, b"x" * 5000)  # the broker refuses it
+        with pytest.raises(RecordTooLargeError):
+            await producer.produce(small, b"x" * 2_000_000)  # the client refuses it
+        assert (await producer.produce(small, b"fits")).offset >= 0
+    assert probe.summary()["max"] < 250
+
+
+async def test_a_stopped_client_refuses_reuse(kafka_bootstrap, topic, group_id):
+    producer = AsyncProducer({"bootstrap.servers": kafka_bootstrap})
+    await producer.start()
+    await producer.stop()
+    with pytest.raises(ClientClosedError):
+        await producer.start()
+    with pytest.raises(ClientClosedError):
+        await producer.produce(topic, b"v")
+    consumer = _consumer(kafka_bootstrap, group_id, [topic])
+    await consumer.start()
+    await consumer.stop()
+    with pytest.raises(ClientClosedError):
+        await consumer.start()
+
+
+def test_next_offsets_are_one_past_the_highest_per_partition():
+    records = [KafkaRecord(topic="t", partition=p, offset=o) for p, o in [(0, 5), (1, 2), (0, 9), (0, 7)]]
+    assert sorted((tp.partition, tp.offset) for tp in next_offsets(records)) == [(0, 10), (1, 3)]
+    assert isinstance(next_offsets(records)[0], TopicPartition)
