@@ -12,7 +12,9 @@ def seed(
     bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
 ) -> int:
     """Produce ``(key, value, headers)`` records synchronously (call from sync code or a thread); returns the count."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, "message.max.bytes": 16_000_000}
+    )
     count = 0
     for key, value, headers in records:
         while True:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+from kafka_dlq.schedule import connect_redis
 
 
 async def test_redis_answers_and_persists_with_aof(redis_url, unique_name):
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_redis(redis_url)
     try:
         key = unique_name("key")
         await client.set(key, b"\x00value\xff")

@@ -1,0 +1,521 @@
+"""``DLQHandler``: consumes dead-letter topics, retries with backoff from a durable Redis schedule, parks poison.
+
+Every dead letter that enters leaves by exactly one door: recovered, parked (in the poison topic, with a reason),
+or still pending in the schedule. Its DLQ offset is marked done only once that outcome is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from enum import Enum
+from typing import Any
+
+from kafka_dlq.breaker import BreakerSettings, CircuitBreaker
+from kafka_dlq.classify import Classifier, Decision, qualified_name
+from kafka_dlq.errors import ConfigError, KafkaDLQError, RecordTooLargeError
+from kafka_dlq.formats import MAX_MESSAGE_BYTES, MAX_STACKTRACE_BYTES, Undecodable, decode, encode_native
+from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, KafkaRecord
+from kafka_dlq.loop_lag import LoopLagProbe
+from kafka_dlq.metrics import HandlerMetrics
+from kafka_dlq.outcomes import Outcome, ParkNow, Reason
+from kafka_dlq.policy import RetryPolicy, TopicPolicies
+from kafka_dlq.records import DeadLetter, Failure
+from kafka_dlq.schedule import Claimed, Entry, RedisSchedule
+
+__all__ = ["DLQHandler", "Mode", "Processor"]
+
+log = logging.getLogger("kafka_dlq.handler")
+
+Processor = Callable[[DeadLetter], Awaitable[None] | None]
+"""Recovers one dead letter: returns normally when it worked, raises when it did not (``RetryLater`` and
+``ParkNow`` say what to do next). Async processors run on the loop; sync ones in a thread."""
+
+
+class Mode(Enum):
+    PROCESS = "process"
+    """Call the processor registered for the record's original topic."""
+    REPUBLISH = "republish"
+    """Send the original record back to its topic (or a chosen one) so the original consumer tries again."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _cap(text: str, limit: int) -> str:
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
+
+
+class DLQHandler:
+    """The DLQ handler service.
+
+    >>> async def charge(dead_letter: DeadLetter) -> None:          # doctest: +SKIP
+    ...     await billing.charge(json.loads(dead_letter.original.value))
+    >>> handler = DLQHandler(name="billing", topics=["payments.dlq"], bootstrap_servers="127.0.0.1:9092",
+    ...                      redis_url="redis://127.0.0.1:6379/0", processors={"payments": charge})
+    >>> async with handler:                                          # doctest: +SKIP
+    ...     await stop_event.wait()
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        topics: Sequence[str],
+        bootstrap_servers: str,
+        redis_url: str,
+        group_id: str | None = None,
+        poison_topic: str | None = None,
+        processors: Mapping[str, Processor] | None = None,
+        default_processor: Processor | None = None,
+        mode: Mode = Mode.PROCESS,
+        republish_to: Mapping[str, str] | None = None,
+        policies: TopicPolicies | RetryPolicy | None = None,
+        classifier: Classifier | None = None,
+        breaker: BreakerSettings | None = None,
+        processor_timeout: float = 30.0,
+        concurrency: int = 64,
+        max_in_flight: int = 512,
+        lease: float | None = None,
+        first_delay: float = 0.0,
+        max_record_bytes: int = 8 * 1024 * 1024,
+        kafka_config: Mapping[str, Any] | None = None,
+        poll_interval: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise ConfigError(f"handler name {name!r} must be letters, digits, '-', '_' or '.': it names Redis keys")
+        if not topics:
+            raise ConfigError("handler 'topics' is empty: name the dead-letter topic(s) to consume")
+        if processor_timeout <= 0 or concurrency < 1 or max_in_flight < 1:
+            raise ConfigError("processor_timeout, concurrency and max_in_flight must be positive")
+        self.name = name
+        self.topics = list(topics)
+        self.bootstrap_servers = bootstrap_servers
+        self.redis_url = redis_url
+        self.group_id = group_id or f"kafka-dlq-{name}"
+        self.poison_topic = poison_topic
+        self.processors: dict[str, Processor] = dict(processors or {})
+        self.default_processor = default_processor
+        self.mode = mode
+        self.republish_to = dict(republish_to or {})
+        self.policies = (
+            policies if isinstance(policies, TopicPolicies) else TopicPolicies(default=policies or RetryPolicy())
+        )
+        self.classifier = classifier or Classifier()
+        self.breaker_settings = breaker or BreakerSettings()
+        self.processor_timeout = processor_timeout
+        self.concurrency = concurrency
+        self.max_in_flight = max_in_flight
+        self.lease = lease if lease is not None else processor_timeout + 30.0
+        if self.lease <= processor_timeout:
+            raise ConfigError("lease must be longer than processor_timeout, or two instances could run one record")
+        self.first_delay = first_delay
+        self.max_record_bytes = max_record_bytes
+        self.kafka_config = dict(kafka_config or {})
+        self.poll_interval = poll_interval
+        self._rng = rng or random.Random()
+        self.metrics = HandlerMetrics(name)
+        self.probe = LoopLagProbe()
+        self.schedule = RedisSchedule(redis_url, name)
+        self._consumer: AsyncConsumer | None = None
+        self._producer: AsyncProducer | None = None
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._active: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._running = False
+        self._executor: ThreadPoolExecutor | None = None
+        self.processor_calls = 0
+        self.started = False
+
+    # ---------------------------------------------------------------- set-up
+
+    def processor(self, topic: str) -> Callable[[Processor], Processor]:
+        """Register a processor for an original topic: ``@handler.processor("orders")``."""
+
+        def register(fn: Processor) -> Processor:
+            self.processors[topic] = fn
+            return fn
+
+        return register
+
+    def poison_topic_for(self, dlq_topic: str) -> str:
+        return self.poison_topic or f"{dlq_topic}.poison"
+
+    def breaker(self, topic: str) -> CircuitBreaker:
+        found = self._breakers.get(topic)
+        if found is None:
+            found = self._breakers[topic] = CircuitBreaker(self.breaker_settings)
+        return found
+
+    async def start(self) -> None:
+        """Connect to Redis and Kafka, check the poison topics exist, and start consuming and retrying."""
+        if self.started:
+            raise KafkaDLQError("this handler was started already; create a new one")
+        self.started = True
+        self.probe.start()
+        self._executor = ThreadPoolExecutor(max_workers=min(32, self.concurrency), thread_name_prefix="kafka-dlq-sync")
+        await self.schedule.start()
+        if not self.schedule.aof_enabled:
+            log.warning(
+                "handler %s: Redis at %s has AOF persistence off: a Redis restart loses the retry schedule "
+                "(turn on appendonly; `kafka-dlq doctor` checks it)",
+                self.name,
+                self.redis_url,
+            )
+        base = {"bootstrap.servers": self.bootstrap_servers, **self.kafka_config}
+        self._producer = AsyncProducer(
+            # Room for any dead letter the DLQ topic held; a poison topic too small for one gets a stub instead.
+            {**base, "message.max.bytes": max(self.max_record_bytes * 4, 64 * 1024 * 1024)},
+            name=f"{self.name}-poison",
+        )
+        await self._producer.start()
+        for topic in {self.poison_topic_for(t) for t in self.topics} | set(self.republish_to.values()):
+            await self._producer._check_topic(topic)
+        self._consumer = AsyncConsumer(
+            {**base, "group.id": self.group_id, "fetch.max.bytes": max(self.max_record_bytes * 2, 52_428_800)},
+            self.topics,
+            max_pending=2000,
+        )
+        await self._consumer.start()
+        self._running = True
+        self._tasks = [
+            asyncio.create_task(self._intake_loop(), name=f"kafka-dlq-{self.name}-intake"),
+            asyncio.create_task(self._retry_loop(), name=f"kafka-dlq-{self.name}-retry"),
+            asyncio.create_task(self._gauges_loop(), name=f"kafka-dlq-{self.name}-gauges"),
+        ]
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop consuming, let in-flight retries finish (or hand them back), commit, close; within ``timeout``."""
+        if not self._running and not self.started:
+            return
+        self._running = False
+        self._wake.set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        for task in self._tasks[:2]:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, max(0.1, deadline - asyncio.get_running_loop().time()) / 2)
+        if self._active:
+            _, pending = await asyncio.wait(
+                self._active, timeout=max(0.1, (deadline - asyncio.get_running_loop().time()) / 2)
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+        if self._consumer is not None:
+            await self._consumer.stop(remaining)
+        if self._producer is not None:
+            await self._producer.stop(remaining)
+        await self.schedule.stop()
+        await self.probe.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> DLQHandler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def get_metrics(self) -> dict[str, Any]:
+        """Counts by outcome (and the seed system's names), pending, loop lag and circuit states."""
+        return {
+            **self.metrics.as_dict(),
+            "loop_lag_ms": self.probe.summary(),
+            "circuits": {topic: breaker.state.value for topic, breaker in self._breakers.items()},
+            "processor_calls": self.processor_calls,
+        }
+
+    # ---------------------------------------------------------------- intake: DLQ topic -> schedule or poison
+
+    async def _intake_loop(self) -> None:
+        assert self._consumer is not None
+        while self._running:
+            batch = await self._consumer.getmany(max_records=500, timeout=0.5)
+            while batch:
+                try:
+                    await self._intake(batch)
+                    self._consumer.done_many(batch)
+                    batch = []
+                except KafkaDLQError as exc:
+                    # Redis or Kafka refused the outcome: keep the batch (nothing is committed) and try again.
+                    log.error(
+                        "handler %s: could not record the outcome of %d dead letters (%s); retrying",
+                        self.name,
+                        len(batch),
+                        exc,
+                    )
+                    await asyncio.sleep(1.0)
+                    if not self._running:
+                        return
+
+    async def _intake(self, batch: list[KafkaRecord]) -> None:
+        now = _now_ms()
+        to_schedule: list[tuple[Entry, int]] = []
+        parks: list[Awaitable[None]] = []
+        for record in batch:
+            decoded = decode(record)
+            if isinstance(decoded, Undecodable):
+                self.metrics.count("consumed", record.topic)
+                parks.append(self._park_raw(record, Reason.UNDECODABLE, decoded.reason))
+                continue
+            topic = decoded.original.topic
+            self.metrics.count("consumed", topic)
+            size = len(decoded.original.value or b"") + len(decoded.original.key or b"")
+            if size > self.max_record_bytes:
+                parks.append(
+                    self._park(
+                        record.topic,
+                        decoded,
+                        Decision.park(
+                            Reason.NON_RETRYABLE,
+                            f"record is {size} bytes, over the handler's max_record_bytes "
+                            f"({self.max_record_bytes}): raise it to process such records",
+                        ),
+                    )
+                )
+                continue
+            repeats = 0
+            if decoded.redrive_count > 0 and self.classifier.repeat_offender_threshold is not None:
+                repeats = await self.schedule.count_repeat(decoded.fingerprint())
+            decision = self.classifier.classify(
+                decoded.failure,
+                policy=self.policies.for_topic(topic),
+                attempts=decoded.attempts,
+                first_failure_ms=decoded.first_failure,
+                now_ms=now,
+                has_processor=self._target(topic) is not None,
+                repeat_failures=repeats,
+            )
+            if decision.outcome is Outcome.PARKED:
+                parks.append(self._park(record.topic, decoded, decision))
+            else:
+                to_schedule.append((Entry(dead_letter=decoded), now + int(self.first_delay * 1000)))
+        if to_schedule:
+            await self.schedule.add(to_schedule)
+            self._wake.set()
+        if parks:
+            await asyncio.gather(*parks)
+
+    def _target(self, topic: str) -> Processor | None:
+        if self.mode is Mode.REPUBLISH:
+            return self._republish
+        return self.processors.get(topic, self.default_processor)
+
+    # ---------------------------------------------------------------- retries: schedule -> processor
+
+    async def _retry_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        slot_freed = asyncio.Event()
+        while self._running:
+            room = self.max_in_flight - len(self._active)
+            if room <= 0:
+                slot_freed.clear()
+                await slot_freed.wait()
+                continue
+            try:
+                claimed, next_due = await self.schedule.claim(min(room, 500), self.lease)
+            except KafkaDLQError as exc:
+                log.error("handler %s: claiming due retries failed (%s); trying again", self.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for item in claimed:
+                task = loop.create_task(self._attempt(item))
+                self._active.add(task)
+                task.add_done_callback(self._active.discard)
+                task.add_done_callback(lambda _: slot_freed.set())
+            if not claimed:
+                wait = self.poll_interval
+                if next_due is not None:
+                    wait = min(wait, max(0.0, (next_due - _now_ms()) / 1000))
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.005))
+
+    async def _attempt(self, claimed: Claimed) -> None:
+        dead_letter = claimed.entry.dead_letter
+        topic = dead_letter.original.topic
+        try:
+            target = self._target(topic)
+            if target is None:
+                await self._finish_parked(claimed, Decision.park(Reason.NO_PROCESSOR, f"no processor for {topic!r}"))
+                return
+            breaker = self.breaker(topic)
+            if not breaker.allow():
+                await self.schedule.defer(claimed, _now_ms() + int(breaker.retry_in() * 1000))
+                self.metrics.count("deferred", topic)
+                return
+            semaphore = self._semaphores.setdefault(topic, asyncio.Semaphore(self.concurrency))
+            async with semaphore:
+                started = time.perf_counter()
+                try:
+                    self.processor_calls += 1
+                    await self._call(target, dead_letter)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
+                    await self._failed(claimed, exc, breaker)
+                    return
+                self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
+            breaker.success()
+            if await self.schedule.finish(claimed, Outcome.RECOVERED, history={"topic": topic}):
+                self.metrics.count("recovered", topic)
+            else:
+                self.metrics.lost_claims.labels(self.name).inc()
+        except asyncio.CancelledError:
+            # Shutting down mid-call: hand the entry back now rather than after its lease.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.schedule.defer(claimed, _now_ms()))
+            raise
+        except KafkaDLQError as exc:
+            log.error("handler %s: %s: %s; the entry returns when its lease expires", self.name, claimed.entry.id, exc)
+
+    async def _call(self, target: Processor, dead_letter: DeadLetter) -> None:
+        if inspect.iscoroutinefunction(target):
+            await asyncio.wait_for(target(dead_letter), self.processor_timeout)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, target, dead_letter), self.processor_timeout
+            )
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, self.processor_timeout)
+
+    async def _failed(self, claimed: Claimed, exc: Exception, breaker: CircuitBreaker) -> None:
+        if not isinstance(exc, ParkNow):
+            breaker.failure()
+            self.metrics.circuit.labels(self.name, claimed.entry.dead_letter.original.topic).set(breaker.state.gauge)
+        entry = claimed.entry
+        dead_letter = entry.dead_letter
+        topic = dead_letter.original.topic
+        now = _now_ms()
+        failure = Failure(
+            error_class=qualified_name(exc),
+            message=_cap(str(exc), MAX_MESSAGE_BYTES),
+            stacktrace=_cap("".join(traceback.format_exception(exc)), MAX_STACKTRACE_BYTES),
+        )
+        policy = self.policies.for_topic(topic)
+        attempts = dead_letter.attempts + 1
+        first = dead_letter.first_failure if dead_letter.first_failure is not None else now
+        decision = self.classifier.classify(exc, policy=policy, attempts=attempts, first_failure_ms=first, now_ms=now)
+        updated = replace(
+            entry,
+            dead_letter=replace(dead_letter, failure=failure, attempts=attempts, first_failure=first, last_failure=now),
+            handler_failures=entry.handler_failures + 1,
+        )
+        if decision.outcome is Outcome.PARKED:
+            await self._finish_parked(replace(claimed, entry=updated), decision, original_claim=claimed)
+            return
+        delay = decision.delay
+        if delay is None:
+            delay = policy.next_delay(updated.handler_failures, rng=self._rng, previous_delay=entry.last_delay)
+        updated = replace(updated, last_delay=delay)
+        if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=now + int(delay * 1000)):
+            self.metrics.count("retried", topic)
+            self.metrics.retry_delay.labels(self.name).observe(delay)
+        else:
+            self.metrics.lost_claims.labels(self.name).inc()
+
+    async def _finish_parked(self, claimed: Claimed, decision: Decision, original_claim: Claimed | None = None) -> None:
+        dead_letter = claimed.entry.dead_letter
+        assert dead_letter.dlq is not None
+        await self._park(dead_letter.dlq.topic, dead_letter, decision, count=False)
+        if await self.schedule.finish(
+            original_claim or claimed,
+            Outcome.PARKED,
+            history={"topic": dead_letter.original.topic, "reason": str(decision.reason), "detail": decision.detail},
+        ):
+            self.metrics.count("parked", dead_letter.original.topic, decision.reason)
+        else:
+            self.metrics.lost_claims.labels(self.name).inc()
+
+    # ---------------------------------------------------------------- doors out: poison and republish
+
+    async def _park(self, dlq_topic: str, dead_letter: DeadLetter, decision: Decision, *, count: bool = True) -> None:
+        """Write the dead letter to the poison topic with its reason; returns once the broker has it (acks=all)."""
+        assert self._producer is not None
+        reason = decision.reason or Reason.MANUAL
+        parked = replace(dead_letter, reason=reason)
+        if decision.detail and reason is not Reason.MAX_ATTEMPTS:
+            message = dead_letter.failure.message or ""
+            parked = replace(
+                parked,
+                failure=replace(
+                    dead_letter.failure,
+                    message=_cap(
+                        f"{message} [parked: {decision.detail}]" if message else f"[parked: {decision.detail}]",
+                        MAX_MESSAGE_BYTES,
+                    ),
+                ),
+            )
+        encoded = encode_native(parked)
+        poison = self.poison_topic_for(dlq_topic)
+        try:
+            await self._producer.produce(poison, encoded.value, key=encoded.key, headers=encoded.headers)
+        except RecordTooLargeError:
+            # The poison topic cannot hold this record: park it without its value, saying so and where the
+            # original stays (the dead letter at its DLQ coordinates), rather than retrying forever.
+            size = len(dead_letter.original.value or b"")
+            note = f"value of {size} bytes not copied: over the poison topic's limit; original at {dead_letter.dlq}"
+            message = parked.failure.message or ""
+            stub = replace(
+                parked, failure=replace(parked.failure, message=_cap(f"{message} [{note}]", MAX_MESSAGE_BYTES))
+            )
+            encoded = encode_native(replace(stub, original=replace(stub.original, value=None)))
+            await self._producer.produce(poison, None, key=encoded.key, headers=encoded.headers)
+        if count:
+            self.metrics.count("parked", dead_letter.original.topic, reason)
+
+    async def _park_raw(self, record: KafkaRecord, reason: Reason, detail: str) -> None:
+        """A record no decoder accepts goes to the poison topic as it was, with the reason beside it."""
+        assert self._producer is not None
+        headers = (
+            *record.headers,
+            ("dlq.reason", reason.value.encode()),
+            ("dlq.error.class", b"kafka_dlq.Undecodable"),
+            ("dlq.error.message", _cap(detail, MAX_MESSAGE_BYTES).encode()),
+        )
+        await self._producer.produce(self.poison_topic_for(record.topic), record.value, key=record.key, headers=headers)
+        self.metrics.count("parked", record.topic, reason)
+
+    async def _republish(self, dead_letter: DeadLetter) -> None:
+        """Republish mode's processor: the original record back to its topic, with the attempt headers."""
+        assert self._producer is not None
+        target = self.republish_to.get(dead_letter.original.topic, dead_letter.original.topic)
+        encoded = encode_native(dead_letter)
+        await self._producer.produce(target, encoded.value, key=encoded.key, headers=encoded.headers)
+
+    # ---------------------------------------------------------------- gauges
+
+    async def _gauges_loop(self) -> None:
+        while self._running:
+            try:
+                pending = await self.schedule.pending()
+                self.metrics.set_pending(pending["total"])
+            except KafkaDLQError:
+                pass
+            except Exception as exc:  # a gauge must never take the handler down
+                log.debug("gauges: %s", exc)
+            self.metrics.loop_lag.labels(self.name).set(self.probe.percentile(0.99) / 1000)
+            for topic, breaker in self._breakers.items():
+                self.metrics.circuit.labels(self.name, topic).set(breaker.state.gauge)
+            await asyncio.sleep(1.0)

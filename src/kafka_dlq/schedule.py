@@ -1,0 +1,382 @@
+"""The handler's durable retry schedule in Redis.
+
+Per handler (namespace ``kafka-dlq:{name}``), every key under one hash tag so Redis Cluster keeps them together:
+
+- ``due``      sorted set: entry id -> due time (epoch ms)
+- ``inflight`` sorted set: entry id -> lease deadline (epoch ms); a lease that expires goes back to ``due``
+- ``body``     hash: entry id -> the entry (JSON)
+- ``claims``   hash: entry id -> the token of the claim that holds it
+- ``done``     sorted set: entry id -> when it left (recovered or parked), so a re-read dead letter is not redone
+- ``history:recovered`` / ``history:parked``: capped lists with a TTL, newest first
+- ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders)
+
+An entry id is the dead letter's coordinates (``dlq topic/partition/offset``), never a hash of its value.
+Every change of state is one Lua script, atomic with every other instance's claims.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.driver_info import DriverInfo
+from redis.exceptions import RedisError, ResponseError
+
+from kafka_dlq.errors import KafkaDLQError
+from kafka_dlq.outcomes import Outcome
+from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
+
+__all__ = ["Claimed", "Entry", "RedisSchedule", "ScheduleError", "connect_redis"]
+
+
+class ScheduleError(KafkaDLQError):
+    """Redis did not take or give a schedule change (connection lost, script refused ...)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """A dead letter waiting in the schedule, with what the handler knows of its retries."""
+
+    dead_letter: DeadLetter
+    handler_failures: int = 0
+    """Failures in this handler (the backoff's step); ``dead_letter.attempts`` counts all, upstream included."""
+    last_delay: float | None = None
+
+    @property
+    def id(self) -> str:
+        dlq = self.dead_letter.dlq
+        assert dlq is not None, "scheduled dead letters are read from Kafka"
+        return str(dlq)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    entry: Entry
+    token: str
+    claimed_at_ms: int = field(default=0)
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def encode_entry(entry: Entry) -> str:
+    dl, orig, failure = entry.dead_letter, entry.dead_letter.original, entry.dead_letter.failure
+    assert dl.dlq is not None
+    return json.dumps(
+        {
+            "o": [orig.topic, orig.partition, orig.offset, orig.timestamp, _b64(orig.key), _b64(orig.value)],
+            "h": [[name, _b64(value)] for name, value in orig.headers],
+            "f": [failure.error_class, failure.message, failure.stacktrace],
+            "a": [dl.attempts, dl.first_failure, dl.last_failure, dl.redrive_count],
+            "g": dl.group,
+            "s": dl.source_format,
+            "d": [dl.dlq.topic, dl.dlq.partition, dl.dlq.offset],
+            "x": dict(dl.extra),
+            "hf": entry.handler_failures,
+            "ld": entry.last_delay,
+        },
+        separators=(",", ":"),
+    )
+
+
+def decode_entry(text: str | bytes) -> Entry:
+    data = json.loads(text)
+    topic, partition, offset, timestamp, key, value = data["o"]
+    attempts, first, last, redrives = data["a"]
+    return Entry(
+        dead_letter=DeadLetter(
+            original=OriginalRecord(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp=timestamp,
+                key=_unb64(key),
+                value=_unb64(value),
+                headers=tuple((name, _unb64(v)) for name, v in data["h"]),
+            ),
+            failure=Failure(error_class=data["f"][0], message=data["f"][1], stacktrace=data["f"][2]),
+            attempts=attempts,
+            first_failure=first,
+            last_failure=last,
+            redrive_count=redrives,
+            group=data["g"],
+            source_format=data["s"],
+            dlq=DlqCoordinates(topic=data["d"][0], partition=data["d"][1], offset=data["d"][2]),
+            extra=data["x"],
+        ),
+        handler_failures=data["hf"],
+        last_delay=data["ld"],
+    )
+
+
+# KEYS: due, inflight, body, claims, done.  ARGV: n, then n triples (id, due_ms, body).
+_SCHEDULE = """
+local added = 0
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local id = ARGV[2 + i * 3]
+  if redis.call('HEXISTS', KEYS[3], id) == 0 and not redis.call('ZSCORE', KEYS[5], id) then
+    redis.call('HSET', KEYS[3], id, ARGV[4 + i * 3])
+    redis.call('ZADD', KEYS[1], ARGV[3 + i * 3], id)
+    added = added + 1
+  end
+end
+return added
+"""
+
+# KEYS: due, inflight, body, claims.  ARGV: now_ms, lease_ms, limit, token.
+# Returns {next_due_ms_or_-1, id1, body1, id2, body2, ...}.
+_CLAIM = """
+local now = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('ZADD', KEYS[1], now, id)
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+local deadline = now + tonumber(ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local body = redis.call('HGET', KEYS[3], id)
+  if body then
+    redis.call('ZADD', KEYS[2], deadline, id)
+    redis.call('HSET', KEYS[4], id, ARGV[4])
+    table.insert(out, id)
+    table.insert(out, body)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local next_due = -1
+if nxt[2] then next_due = tonumber(nxt[2]) end
+if lease[2] and (next_due == -1 or tonumber(lease[2]) < next_due) then next_due = tonumber(lease[2]) end
+table.insert(out, 1, next_due)
+return out
+"""
+
+# KEYS: due, inflight, body, claims, done, history.  ARGV: id, token, outcome, now_ms, due_ms, body, history_item,
+# history_max, history_ttl_s, done_keep_ms.  Returns 1, or 0 when the claim is no longer ours (lease expired).
+_FINISH = """
+local id = ARGV[1]
+if redis.call('HGET', KEYS[4], id) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], id)
+redis.call('HDEL', KEYS[4], id)
+if ARGV[3] == 'retry' then
+  redis.call('HSET', KEYS[3], id, ARGV[6])
+  redis.call('ZADD', KEYS[1], ARGV[5], id)
+else
+  redis.call('HDEL', KEYS[3], id)
+  local now = tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[5], now, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[10]))
+  redis.call('LPUSH', KEYS[6], ARGV[7])
+  redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[8]) - 1)
+  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[9]))
+end
+return 1
+"""
+
+
+def connect_redis(url: str, max_connections: int = 32) -> aioredis.Redis:
+    """An asyncio Redis client for ``url``.
+
+    The library version is given, not looked up: redis-py otherwise reads package metadata from disk for every new
+    connection, which is file I/O on the event loop.
+    """
+    info = DriverInfo(name="redis-py", lib_version=redis.__version__)
+    # A bounded pool that waits for a free connection: hundreds of concurrent retries share a few connections
+    # instead of opening one each (and meeting the pool's "Too many connections").
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=30, driver_info=info
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RedisSchedule:
+    """The schedule of one handler. ``async with RedisSchedule(url, name) as schedule: ...``"""
+
+    def __init__(
+        self,
+        redis_url: str,
+        name: str,
+        *,
+        history_max: int = 10_000,
+        history_ttl: float = 7 * 24 * 3600,
+        done_keep: float = 24 * 3600,
+    ) -> None:
+        self.redis_url = redis_url
+        self.name = name
+        prefix = f"kafka-dlq:{{{name}}}"
+        self.keys = {
+            part: f"{prefix}:{part}"
+            for part in ("due", "inflight", "body", "claims", "done", "history:recovered", "history:parked", "repeats")
+        }
+        self.history_max = history_max
+        self.history_ttl = int(history_ttl)
+        self.done_keep_ms = int(done_keep * 1000)
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self.waitaof = False
+        self.aof_enabled = False
+        self.server_version = ""
+
+    async def start(self) -> None:
+        self._client = connect_redis(self.redis_url)
+        try:
+            info = await self._client.info("server")
+            persistence = await self._client.info("persistence")
+        except RedisError as exc:
+            await self._client.aclose()
+            raise ScheduleError(
+                f"Redis at {self.redis_url} did not answer: {exc}: check the URL and the server"
+            ) from exc
+        self.server_version = str(info.get("redis_version", ""))
+        self.aof_enabled = bool(persistence.get("aof_enabled"))
+        major_minor = tuple(int(p) for p in self.server_version.split(".")[:2] if p.isdigit())
+        self.waitaof = self.aof_enabled and major_minor >= (7, 2)
+        for name, source in (("schedule", _SCHEDULE), ("claim", _CLAIM), ("finish", _FINISH)):
+            self._scripts[name] = self._client.register_script(source)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> RedisSchedule:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise ScheduleError("the schedule is not started")
+        return self._client
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._scripts[script](keys=list(keys), args=list(args))
+        except (RedisError, ResponseError) as exc:
+            raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
+
+    async def _durable(self) -> None:
+        """With AOF on and a server that has WAITAOF (7.2+), wait until the write is in the local AOF."""
+        if self.waitaof:
+            try:
+                await self.client.execute_command("WAITAOF", 1, 0, 5000)  # type: ignore[no-untyped-call]
+            except RedisError as exc:
+                raise ScheduleError(f"Redis WAITAOF failed: {exc}") from exc
+
+    async def add(self, entries: Iterable[tuple[Entry, int]]) -> int:
+        """Schedule ``(entry, due_ms)`` pairs; an id already scheduled or recently finished is left alone."""
+        args: list[Any] = []
+        count = 0
+        for entry, due_ms in entries:
+            args += [entry.id, due_ms, encode_entry(entry)]
+            count += 1
+        if not count:
+            return 0
+        k = self.keys
+        added = await self._run(
+            "schedule", [k["due"], k["inflight"], k["body"], k["claims"], k["done"]], [count, *args]
+        )
+        await self._durable()
+        return int(added)
+
+    async def claim(self, limit: int, lease: float, now_ms: int | None = None) -> tuple[list[Claimed], int | None]:
+        """Claim up to ``limit`` due entries for ``lease`` seconds; also returns when the next one is due (ms)."""
+        now = _now_ms() if now_ms is None else now_ms
+        token = uuid.uuid4().hex
+        k = self.keys
+        reply = await self._run(
+            "claim", [k["due"], k["inflight"], k["body"], k["claims"]], [now, int(lease * 1000), limit, token]
+        )
+        next_due = int(reply[0])
+        claimed = [Claimed(decode_entry(reply[i + 1]), token, now) for i in range(1, len(reply), 2)]
+        return claimed, (None if next_due < 0 else next_due)
+
+    async def finish(
+        self,
+        claimed: Claimed,
+        outcome: Outcome,
+        *,
+        entry: Entry | None = None,
+        due_ms: int = 0,
+        history: dict[str, Any] | None = None,
+    ) -> bool:
+        """Move a claimed entry on: back to due (RETRY, with the updated ``entry``), or out (RECOVERED/PARKED).
+
+        False when the claim was lost (its lease expired and another instance took it): nothing changes.
+        """
+        k = self.keys
+        which = "history:recovered" if outcome is Outcome.RECOVERED else "history:parked"
+        now = _now_ms()
+        body = encode_entry(entry or claimed.entry) if outcome is Outcome.RETRY else ""
+        item = json.dumps({"id": claimed.entry.id, "at": now, **(history or {})}, separators=(",", ":"))
+        ok = await self._run(
+            "finish",
+            [k["due"], k["inflight"], k["body"], k["claims"], k["done"], k[which]],
+            [
+                claimed.entry.id,
+                claimed.token,
+                "retry" if outcome is Outcome.RETRY else outcome.value,
+                now,
+                due_ms,
+                body,
+                item,
+                self.history_max,
+                self.history_ttl,
+                self.done_keep_ms,
+            ],
+        )
+        await self._durable()
+        return bool(ok)
+
+    async def defer(self, claimed: Claimed, due_ms: int) -> bool:
+        """Put a claimed entry back, unchanged (no attempt spent): the circuit is open."""
+        return await self.finish(claimed, Outcome.RETRY, entry=claimed.entry, due_ms=due_ms)
+
+    async def count_repeat(self, fingerprint: str) -> int:
+        """Count one more failure of this content after a redrive; returns the count."""
+        key = self.keys["repeats"]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(key, fingerprint, 1)
+        pipe.expire(key, self.history_ttl)
+        result = await pipe.execute()
+        return int(result[0])
+
+    async def pending(self) -> dict[str, int]:
+        """How many entries wait (``due``) and are being processed (``inflight``)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.keys["due"])
+        pipe.zcard(self.keys["inflight"])
+        due, inflight = await pipe.execute()
+        return {"due": int(due), "inflight": int(inflight), "total": int(due) + int(inflight)}
+
+    async def history(self, which: str = "recovered", limit: int = 100) -> list[dict[str, Any]]:
+        items = await self.client.lrange(self.keys[f"history:{which}"], 0, limit - 1)
+        return [json.loads(item) for item in items]
+
+    async def clear(self) -> None:
+        """Delete every key of this handler (tests and ``kafka-dlq pending drop --all``)."""
+        await self.client.delete(*self.keys.values())

@@ -1,0 +1,378 @@
+"""The DLQ handler against the real broker and Redis: every dead letter leaves by exactly one door."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+from kafka_dlq.breaker import BreakerSettings
+from kafka_dlq.classify import Classifier
+from kafka_dlq.formats import decode, encode_native
+from kafka_dlq.handler import DLQHandler
+from kafka_dlq.kafka import KafkaRecord
+from kafka_dlq.loop_lag import LoopLagProbe
+from kafka_dlq.outcomes import ParkNow, Reason
+from kafka_dlq.policy import Jitter, RetryPolicy
+from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
+from tests.conftest import wait_for
+from tests.helpers import read_all, seed
+
+HOUR_MS = 3600 * 1000
+
+
+def dead_letter(
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    attempts: int = 1,
+    error_class: str = "builtins.RuntimeError",
+    message: str = "boom",
+    first_failure: int | None = None,
+    redrive_count: int = 0,
+    headers: tuple[tuple[str, bytes | None], ...] = (),
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
+    now = int(time.time() * 1000)
+    encoded = encode_native(
+        DeadLetter(
+            original=OriginalRecord(
+                topic=topic, partition=0, offset=7, timestamp=now, key=key, value=value, headers=headers
+            ),
+            failure=Failure(error_class=error_class, message=message, stacktrace="Traceback ..."),
+            attempts=attempts,
+            first_failure=first_failure or now,
+            last_failure=now,
+            group="orders-service",
+            redrive_count=redrive_count,
+        )
+    )
+    return encoded.key, encoded.value, list(encoded.headers)
+
+
+@dataclass
+class Processor:
+    """A processor whose behaviour is scripted per key: fail the first ``fail_first[key]`` calls."""
+
+    fail_first: dict[bytes, int] = field(default_factory=dict)
+    fatal: set[bytes] = field(default_factory=set)
+    calls: Counter[bytes] = field(default_factory=Counter)
+    seen: list[DeadLetter] = field(default_factory=list)
+
+    async def __call__(self, dl: DeadLetter) -> None:
+        key = dl.original.key or b""
+        self.calls[key] += 1
+        self.seen.append(dl)
+        if key in self.fatal:
+            raise KeyError(f"customer {key!r} deleted")
+        if self.calls[key] <= self.fail_first.get(key, 0):
+            raise ConnectionError("downstream said 503")
+
+
+@pytest.fixture
+def dlq(new_topic):
+    """A DLQ topic and its poison topic."""
+
+    def make(partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = new_topic(partitions, config, prefix="orders.dlq")
+        from kafka_dlq.kafka.admin import create_topics
+
+        create_topics(_bootstrap[0], {f"{name}.poison": 1}, config=config)
+        return name
+
+    return make
+
+
+_bootstrap: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_bootstrap(kafka_bootstrap):
+    _bootstrap[:] = [kafka_bootstrap]
+
+
+def _handler(kafka_bootstrap, redis_url, unique_name, topics, **kwargs) -> DLQHandler:
+    return DLQHandler(
+        name=unique_name("h"), topics=topics, bootstrap_servers=kafka_bootstrap, redis_url=redis_url, **kwargs
+    )
+
+
+def _poison(kafka_bootstrap, dlq_topic, expected=None) -> list:
+    return read_all(kafka_bootstrap, f"{dlq_topic}.poison", expected=expected, idle=2)
+
+
+async def test_seed_scenario_five_records_fail_once_then_recover(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    records = [dead_letter("orders", f"order-{i}".encode(), b'{"id": %d}' % i) for i in range(5)]
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
+    processor = Processor(fail_first={f"order-{i}".encode(): 1 for i in range(5)})
+    policy = RetryPolicy(max_attempts=3, initial_delay=1, multiplier=2, jitter=Jitter.NONE)
+    started = time.monotonic()
+
+    async with _handler(
+        kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": processor}, policies=policy
+    ) as handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 5, 15, "5 records recovered")
+        metrics = handler.get_metrics()
+
+    print(f"\nseed scenario: recovered 5 in {time.monotonic() - started:.1f} s; metrics {metrics}")
+    assert metrics["messages_processed"] == 5
+    assert metrics["messages_retried"] == 5
+    assert metrics["messages_recovered"] == 5
+    assert metrics["messages_poisoned"] == 0
+    assert all(count == 2 for count in processor.calls.values())
+    assert processor.seen[-1].attempts == 2  # the upstream failure and the handler's first
+
+
+async def test_a_thousand_mixed_records_each_leave_by_the_right_door(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq, 3)
+    old = int(time.time() * 1000) - 48 * HOUR_MS
+    plan: dict[bytes, str] = {}
+    records = []
+    for i in range(1000):
+        key = f"k{i:04d}".encode()
+        kind = ["recover", "recover", "fatal", "undecodable", "no_processor", "too_old", "repeat"][i % 7]
+        plan[key] = kind
+        if kind == "undecodable":
+            records.append((key, b"not a dead letter", [("x", b"1")]))
+        elif kind == "no_processor":
+            records.append(dead_letter("unknown-topic", key, b"v"))
+        elif kind == "too_old":
+            records.append(dead_letter("orders", key, b"v", first_failure=old))
+        elif kind == "repeat":
+            records.append(dead_letter("orders", key, b"v", redrive_count=3))
+        else:
+            records.append(dead_letter("orders", key, b"v"))
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
+    processor = Processor(
+        fail_first={k: (i % 3) for i, (k, kind) in enumerate(plan.items()) if kind == "recover"},
+        fatal={k for k, kind in plan.items() if kind == "fatal"},
+    )
+    policy = RetryPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=10, max_age=24 * 3600)
+    classifier = Classifier(non_retryable=[KeyError], repeat_offender_threshold=1)
+
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": processor},
+        policies=policy,
+        classifier=classifier,
+    ) as handler:
+        await wait_for(
+            lambda: handler.get_metrics()["recovered"] + handler.get_metrics()["parked"] >= 1000,
+            60,
+            "every record recovered or parked",
+        )
+        await asyncio.sleep(0.5)  # nothing more may arrive: counts must stay exact
+        metrics = handler.get_metrics()
+        pending = await handler.schedule.pending()
+
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic, metrics["parked"])
+    reasons = {m.key(): dict(m.headers())["dlq.reason"].decode() for m in poison}
+    expected_reason = {
+        "fatal": "non_retryable",
+        "undecodable": "undecodable",
+        "no_processor": "no_processor",
+        "too_old": "max_age",
+        "repeat": "repeat_offender",
+    }
+    recovered = {k for k, kind in plan.items() if kind == "recover"}
+    assert metrics["consumed"] == 1000
+    assert metrics["recovered"] == len(recovered)
+    assert metrics["parked"] == 1000 - len(recovered) == len(poison)
+    assert pending["total"] == 0
+    assert {k: expected_reason[plan[k]] for k in reasons} == reasons
+    assert set(processor.calls) >= recovered
+    assert all(processor.calls[k] == 1 + processor.fail_first[k] for k in recovered)
+    assert metrics["parked_by_reason"] == dict(Counter(reasons.values()))
+
+
+async def test_equal_payloads_in_different_records_are_different_records(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    same = dead_letter("orders", b"same-key", b"same-value")
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, [same, same, same])
+    processor = Processor()
+    async with _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": processor}) as h:
+        await wait_for(lambda: h.get_metrics()["recovered"] == 3, 15, "3 recovered")
+    assert processor.calls[b"same-key"] == 3
+
+
+async def test_bad_input_is_parked_with_a_precise_reason_and_the_handler_keeps_running(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    big = {"max.message.bytes": str(8 * 1024 * 1024)}
+    topic = await asyncio.to_thread(dlq, 1, big)
+    good = dead_letter("orders", b"good", b"v")
+    bad_utf8_key = dead_letter("orders", b"\xff\xfe-key", b"v")
+    missing_topic = (b"k1", b"v", [("dlq.error.class", b"x.Y"), ("dlq.attempts", b"1")])
+    negative_attempts = (b"k2", b"v", [("dlq.original.topic", b"orders"), ("dlq.attempts", b"-3")])
+    absurd_attempts = (b"k3", b"v", [("dlq.original.topic", b"orders"), ("dlq.attempts", b"99999999999")])
+    non_json = (b"k4", b"{not json", [])
+    unknown = (b"k5", b"\x00\x01binary", [("content-type", b"application/avro")])
+    bad_utf8_header = (b"k6", b"v", [("dlq.original.topic", b"ord\xffers")])
+    huge = dead_letter("orders", b"huge", b"x" * (5 * 1024 * 1024))
+    records = [
+        missing_topic,
+        negative_attempts,
+        absurd_attempts,
+        non_json,
+        unknown,
+        bad_utf8_header,
+        bad_utf8_key,
+        huge,
+        good,
+    ]
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
+    processor = Processor()
+    async with _handler(
+        kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": processor}, max_record_bytes=1024 * 1024
+    ) as handler:
+        await wait_for(
+            lambda: handler.get_metrics()["recovered"] + handler.get_metrics()["parked"] == 9, 30, "9 outcomes"
+        )
+        assert handler._tasks and not any(t.done() for t in handler._tasks)  # still running
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic, 7)
+    by_key = {m.key(): dict(m.headers()) for m in poison}
+    for key in (b"k1", b"k2", b"k3", b"k4", b"k5", b"k6"):
+        assert by_key[key]["dlq.reason"] == b"undecodable", key
+    assert b"missing original topic" in by_key[b"k1"]["dlq.error.message"]
+    assert by_key[b"huge"]["dlq.reason"] == b"non_retryable"
+    assert b"max_record_bytes" in by_key[b"huge"]["dlq.error.message"]
+    # A key that is not UTF-8 is not bad input: keys are bytes, kept byte for byte, and the record recovers.
+    assert processor.calls == Counter({b"\xff\xfe-key": 1, b"good": 1})
+    assert [m.value() for m in poison if m.key() == b"k4"] == [b"{not json"]  # parked as it came
+
+
+async def test_a_downstream_outage_opens_the_circuit_then_closes_it(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"o{i}".encode(), b"v") for i in range(20)]
+    )
+    outage = {"down": True}
+    calls: list[float] = []
+
+    async def downstream(dl: DeadLetter) -> None:
+        calls.append(time.monotonic())
+        if outage["down"]:
+            raise ConnectionError("billing unavailable")
+
+    policy = RetryPolicy(initial_delay=0.05, max_delay=0.1, max_attempts=50)
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": downstream},
+        policies=policy,
+        breaker=BreakerSettings(failure_threshold=5, open_seconds=1.0),
+        concurrency=1,
+    ) as handler:
+        await wait_for(lambda: handler.breaker("orders").state.value == "open", 15, "the circuit to open")
+        await wait_for(lambda: handler.get_metrics()["deferred"] > 0, 15, "due retries deferred")
+        attempts_while_open = handler.get_metrics()["retried"]
+        outage["down"] = False
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 20, 30, "all recovered after the outage")
+        assert handler.breaker("orders").state.value == "closed"
+        assert handler.breaker("orders").times_opened >= 1
+        metrics = handler.get_metrics()
+    assert metrics["parked"] == 0
+    # The open circuit deferred retries without spending attempts: far fewer failures than calls would have made.
+    assert attempts_while_open < 20 * 5
+
+
+async def test_two_instances_share_the_work_and_never_run_one_record_at_once(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq, 4)
+    total = 400
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"r{i}".encode(), b"v") for i in range(total)]
+    )
+    running: set[bytes] = set()
+    overlaps: list[bytes] = []
+    by_instance: Counter[str] = Counter()
+
+    def processor_for(instance: str):
+        async def process(dl: DeadLetter) -> None:
+            key = dl.original.key or b""
+            if key in running:
+                overlaps.append(key)
+            running.add(key)
+            by_instance[instance] += 1
+            await asyncio.sleep(0.005)
+            running.discard(key)
+            if int(key[1:]) % 4 == 0 and dl.attempts < 2:
+                raise ConnectionError("once")
+
+        return process
+
+    name = unique_name("shared")
+    common = dict(
+        name=name,
+        topics=[topic],
+        bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,
+        policies=RetryPolicy(initial_delay=0.05, max_delay=0.1),
+    )
+    first = DLQHandler(**common, processors={"orders": processor_for("a")})
+    second = DLQHandler(**common, processors={"orders": processor_for("b")})
+    async with first, second:
+        await wait_for(
+            lambda: first.get_metrics()["recovered"] + second.get_metrics()["recovered"] >= total, 60, "all recovered"
+        )
+        await asyncio.sleep(0.3)
+        recovered = first.get_metrics()["recovered"] + second.get_metrics()["recovered"]
+    print(f"\ntwo instances: {dict(by_instance)}")
+    assert recovered == total
+    assert overlaps == []
+    assert by_instance["a"] > 0 and by_instance["b"] > 0
+
+
+async def test_under_load_the_loop_never_stalls(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq, 2)
+    total = 5000
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"l{i}".encode(), b"x" * 512) for i in range(total)]
+    )
+
+    async def noop(dl: DeadLetter) -> None:
+        return None
+
+    handler = _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": noop})
+    async with LoopLagProbe() as probe, handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == total, 60, "all recovered")
+    lag = probe.summary()
+    print(f"\nhandler loop lag ({total} records): {lag}")
+    assert lag["max"] < 250, lag
+
+
+async def test_a_processor_may_park_a_record_now(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, [dead_letter("orders", b"p", b"v")])
+
+    def sync_processor(dl: DeadLetter) -> None:  # a sync processor runs in a thread
+        time.sleep(0.01)
+        raise ParkNow("customer closed the account", reason=Reason.NON_RETRYABLE)
+
+    async with _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": sync_processor}) as h:
+        await wait_for(lambda: h.get_metrics()["parked"] == 1, 15, "parked")
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic, 1)
+    parked = decode(
+        KafkaRecord(
+            topic="p",
+            partition=0,
+            offset=0,
+            key=poison[0].key(),
+            value=poison[0].value(),
+            headers=tuple(poison[0].headers()),
+        )
+    )
+    assert isinstance(parked, DeadLetter)
+    assert parked.reason is Reason.NON_RETRYABLE
+    assert parked.attempts == 2
+    assert parked.failure.error_class == "kafka_dlq.outcomes.ParkNow"
