@@ -235,6 +235,26 @@ class DLQHandler:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def broken_tasks(self) -> list[str]:
+        """Names of the handler's own tasks that ended with an error (none while healthy)."""
+        return [
+            f"{task.get_name()}: {task.exception()!r}"
+            for task in self._tasks
+            if task.done() and not task.cancelled() and task.exception() is not None
+        ]
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready when running, its tasks healthy and Redis answering."""
+        if not self._running:
+            return False, "not running"
+        if broken := self.broken_tasks():
+            return False, "; ".join(broken)
+        try:
+            await asyncio.wait_for(self.schedule.client.ping(), 2.0)
+        except Exception as exc:
+            return False, f"Redis does not answer: {exc}"
+        return True, "consuming"
+
     def get_metrics(self) -> dict[str, Any]:
         """Counts by outcome (and the seed system's names), pending, loop lag and circuit states."""
         return {

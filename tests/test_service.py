@@ -1,0 +1,209 @@
+"""`kafka-dlq run`: configuration, the HTTP endpoint, and a crash (SIGKILL) mid-run that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kafka_dlq.config import load_config
+from kafka_dlq.errors import ConfigError
+from kafka_dlq.handler import DLQHandler
+from kafka_dlq.kafka.admin import create_topics
+from kafka_dlq.schedule import connect_redis
+from kafka_dlq.testing import free_port
+from kafka_dlq.web.app import create_app, running
+from tests.helpers import seed
+from tests.test_handler import dead_letter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "handler.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_config_file_and_environment_make_a_handler(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+name = "billing"
+topics = ["payments.dlq"]
+processor_timeout = 5
+[processors]
+payments = "tests.crash_processor:process"
+[policy]
+initial_delay = 0.5
+max_attempts = 4
+[policy.topics.payments]
+max_attempts = 9
+[classifier]
+non_retryable_patterns = ["400"]
+[breaker]
+failure_threshold = 3
+""",
+    )
+    env = {"KAFKA_DLQ_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_DLQ_REDIS_URL": "redis://127.0.0.1:2/0"}
+
+    handler = load_config(path, env).build()
+
+    assert isinstance(handler, DLQHandler)
+    assert handler.bootstrap_servers == "127.0.0.1:1"
+    assert handler.group_id == "kafka-dlq-billing"
+    assert handler.policies.for_topic("payments").max_attempts == 9
+    assert handler.policies.for_topic("payments").initial_delay == 0.5
+    assert handler.policies.for_topic("other").max_attempts == 4
+    assert handler.breaker_settings.failure_threshold == 3
+    assert "payments" in handler.processors
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\nretries = 3\n', "'retries' is unknown"),
+        ('name = "x"\ntopics = ["t"]\n', "bootstrap_servers (or KAFKA_DLQ_BOOTSTRAP_SERVERS)"),
+        ('name = "x"\ntopics = "t"\nbootstrap_servers = "b"\nredis_url = "r"\n', "'topics': expected a list"),
+        (
+            'name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\n[processors]\nt = "nope"\n',
+            "'processors.t'",
+        ),
+        (
+            'name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\n[processors]\nt = "no.such:f"\n',
+            "cannot import module 'no.such'",
+        ),
+        (
+            'name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\n[policy]\nmultiplier = 0.5\n',
+            "'policy'",
+        ),
+        ('name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\n[policy]\ndelay = 1\n', "'policy'"),
+        ("name = [", "not valid TOML"),
+    ],
+)
+def test_a_config_error_names_the_key_and_the_fix(tmp_path, text, names):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text), {})
+    assert names in str(caught.value)
+
+
+def test_the_cli_reports_a_config_error_in_one_line(tmp_path):
+    path = _write(tmp_path, 'name = "x"\ntopics = ["t"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "kafka_dlq", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "300"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "bootstrap_servers" in result.stderr
+
+
+async def test_the_ops_endpoint_serves_metrics_health_and_readiness(kafka_bootstrap, redis_url, new_topic, unique_name):
+    topic = await asyncio.to_thread(new_topic, 1, None, "ops.dlq")
+    await asyncio.to_thread(create_topics, kafka_bootstrap, {f"{topic}.poison": 1})
+    handler = DLQHandler(
+        name=unique_name("ops"), topics=[topic], bootstrap_servers=kafka_bootstrap, redis_url=redis_url
+    )
+    port = free_port()
+    async with handler, running(create_app(handler), port=port), httpx.AsyncClient() as client:
+        base = f"http://127.0.0.1:{port}"
+        metrics = await client.get(f"{base}/metrics")
+        health = await client.get(f"{base}/healthz")
+        ready = await client.get(f"{base}/readyz")
+    assert metrics.status_code == 200
+    assert "kafka_dlq_event_loop_lag_seconds" in metrics.text
+    assert health.json()["status"] == "ok"
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def _start(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "kafka_dlq", "run", "--config", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_handler_killed_mid_run_loses_nothing_and_repeats_at_most_what_was_in_flight(
+    kafka_bootstrap, redis_url, new_topic, unique_name, tmp_path
+):
+    topic = await asyncio.to_thread(new_topic, 2, None, "crash.dlq")
+    await asyncio.to_thread(create_topics, kafka_bootstrap, {f"{topic}.poison": 1})
+    total, in_flight = 1000, 40
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"c{i}".encode(), b"v") for i in range(total)]
+    )
+    name = unique_name("crash")
+    config = await asyncio.to_thread(
+        _write,
+        tmp_path,
+        f"""
+name = "{name}"
+topics = ["{topic}"]
+processor_timeout = 2
+lease = 3
+max_in_flight = {in_flight}
+concurrency = {in_flight}
+[processors]
+orders = "tests.crash_processor:process"
+[policy]
+initial_delay = 0.05
+max_delay = 0.2
+""",
+    )
+    calls_key = f"crash-calls:{name}"
+    env = {
+        **os.environ,
+        "KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA_DLQ_REDIS_URL": redis_url,
+        "CRASH_TEST_REDIS_URL": redis_url,
+        "CRASH_TEST_CALLS_KEY": calls_key,
+    }
+    redis = connect_redis(redis_url)
+    done_key = f"kafka-dlq:{{{name}}}:done"
+    log = tmp_path / "run.log"
+    try:
+        first = await asyncio.to_thread(_start, config, env, log)
+        deadline = time.monotonic() + 60
+        while await redis.zcard(done_key) < 300:
+            assert first.poll() is None, await asyncio.to_thread(log.read_text)
+            assert time.monotonic() < deadline, "the first handler did not get to 300 records"
+            await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait)
+        finished_at_kill = await redis.zcard(done_key)
+
+        second = await asyncio.to_thread(_start, config, env, log)
+        deadline = time.monotonic() + 120
+        while await redis.zcard(done_key) < total:
+            assert second.poll() is None, await asyncio.to_thread(log.read_text)
+            assert time.monotonic() < deadline, f"only {await redis.zcard(done_key)} of {total} finished"
+            await asyncio.sleep(0.1)
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 60) == 0, await asyncio.to_thread(log.read_text)
+
+        calls = {k.decode(): int(v) for k, v in (await redis.hgetall(calls_key)).items()}
+        pending = await redis.zcard(f"kafka-dlq:{{{name}}}:due") + await redis.zcard(f"kafka-dlq:{{{name}}}:inflight")
+    finally:
+        await redis.aclose()
+    expected = {f"c{i}": 2 if i % 5 == 0 else 1 for i in range(total)}
+    repeats = sum(calls.values()) - sum(expected.values())
+    print(f"\ncrash: {finished_at_kill} finished at the kill; {repeats} repeated processor calls (bound {in_flight})")
+    assert set(calls) == set(expected)
+    assert all(calls[k] >= expected[k] for k in expected)
+    assert 0 <= repeats <= in_flight
+    assert pending == 0
