@@ -4,7 +4,47 @@ import kafka_dlq
 
 
 def test_public_names_are_pinned():
-    assert sorted(kafka_dlq.__all__) == sorted(["ConfigError", "KafkaDLQError", "ServerError", "__version__"])
+    assert sorted(kafka_dlq.__all__) == sorted(
+        [
+            "AsyncConsumer",
+            "AsyncProducer",
+            "Backoff",
+            "BreakerSettings",
+            "BrokerUnreachableError",
+            "CircuitState",
+            "Classifier",
+            "ClientClosedError",
+            "ConfigError",
+            "DLQHandler",
+            "DeadLetter",
+            "Decision",
+            "DeliveryError",
+            "DlqCoordinates",
+            "Failure",
+            "Jitter",
+            "KafkaClientError",
+            "KafkaDLQError",
+            "KafkaRecord",
+            "LoopLagProbe",
+            "Mode",
+            "OriginalRecord",
+            "Outcome",
+            "ParkNow",
+            "RecordTooLargeError",
+            "Reason",
+            "RetryLater",
+            "RetryPolicy",
+            "ServerError",
+            "TopicNotFoundError",
+            "TopicPolicies",
+            "TransactionalProducer",
+            "Undecodable",
+            "__version__",
+            "decode",
+            "encode_native",
+        ]
+    )
+    assert all(hasattr(kafka_dlq, name) for name in kafka_dlq.__all__)
 
 
 def test_setup_errors_are_value_errors():

@@ -1,12 +1,68 @@
-"""kafka-dlq: dead-letter queues for Apache Kafka in Python and asyncio."""
+"""kafka-dlq: dead-letter queues for Apache Kafka in Python and asyncio.
 
-from kafka_dlq.errors import ConfigError, KafkaDLQError, ServerError
+>>> from kafka_dlq import DLQHandler, RetryPolicy
+>>> handler = DLQHandler(name="billing", topics=["payments.dlq"], bootstrap_servers="127.0.0.1:19092",
+...                      redis_url="redis://127.0.0.1:16379/0", policies=RetryPolicy(max_attempts=5))
+"""
+
+from kafka_dlq.breaker import BreakerSettings, CircuitState
+from kafka_dlq.classify import Classifier, Decision
+from kafka_dlq.errors import (
+    BrokerUnreachableError,
+    ClientClosedError,
+    ConfigError,
+    DeliveryError,
+    KafkaClientError,
+    KafkaDLQError,
+    RecordTooLargeError,
+    ServerError,
+    TopicNotFoundError,
+)
+from kafka_dlq.formats import Undecodable, decode, encode_native
+from kafka_dlq.handler import DLQHandler, Mode
+from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, KafkaRecord, TransactionalProducer
+from kafka_dlq.loop_lag import LoopLagProbe
+from kafka_dlq.outcomes import Outcome, ParkNow, Reason, RetryLater
+from kafka_dlq.policy import Backoff, Jitter, RetryPolicy, TopicPolicies
+from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncConsumer",
+    "AsyncProducer",
+    "Backoff",
+    "BreakerSettings",
+    "BrokerUnreachableError",
+    "CircuitState",
+    "Classifier",
+    "ClientClosedError",
     "ConfigError",
+    "DLQHandler",
+    "DeadLetter",
+    "Decision",
+    "DeliveryError",
+    "DlqCoordinates",
+    "Failure",
+    "Jitter",
+    "KafkaClientError",
     "KafkaDLQError",
+    "KafkaRecord",
+    "LoopLagProbe",
+    "Mode",
+    "OriginalRecord",
+    "Outcome",
+    "ParkNow",
+    "Reason",
+    "RecordTooLargeError",
+    "RetryLater",
+    "RetryPolicy",
     "ServerError",
+    "TopicNotFoundError",
+    "TopicPolicies",
+    "TransactionalProducer",
+    "Undecodable",
     "__version__",
+    "decode",
+    "encode_native",
 ]

@@ -111,18 +111,15 @@ def _status_text(status: dict[str, Any]) -> str:
 
 
 @app.command("demo")
-def demo_command(
-    records: Annotated[int, typer.Option(help="How many records to send round.")] = 5,
-    as_json: JsonOption = False,
-) -> None:
-    """Bring up the dev stack and send records round it: produce with headers, consume through a group.
+def demo_command(as_json: JsonOption = False) -> None:
+    """The handler working through a DLQ of every kind of dead letter on the local dev stack; ends by itself.
 
-    Example: kafka-dlq demo --records 10
+    Example: kafka-dlq demo
     """
     from kafka_dlq.demo import run_demo
 
     try:
-        result = run_demo(records=records, console=None if as_json else console)
+        result = run_demo(console=None if as_json else console)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
     if as_json:
