@@ -111,7 +111,13 @@ def _status_text(status: dict[str, Any]) -> str:
 
 
 @app.command("demo")
-def demo_command(as_json: JsonOption = False) -> None:
+def demo_command(
+    as_json: JsonOption = False,
+    bootstrap: Annotated[
+        str | None, typer.Option("--bootstrap", help="Kafka to use instead of the dev stack (with --redis-url).")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis to use instead of the dev stack.")] = None,
+) -> None:
     """The handler working through a DLQ of every kind of dead letter on the local dev stack; ends by itself.
 
     Example: kafka-dlq demo
@@ -119,7 +125,7 @@ def demo_command(as_json: JsonOption = False) -> None:
     from kafka_dlq.demo import run_demo
 
     try:
-        result = run_demo(console=None if as_json else console)
+        result = run_demo(console=None if as_json else console, bootstrap=bootstrap, redis_url=redis_url)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
     if as_json:

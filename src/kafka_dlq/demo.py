@@ -20,7 +20,7 @@ from rich.table import Table
 
 from kafka_dlq.breaker import BreakerSettings
 from kafka_dlq.classify import Classifier
-from kafka_dlq.dev import dev_up
+from kafka_dlq.dev import DevStack, dev_up
 from kafka_dlq.formats import encode_native
 from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka import AsyncProducer
@@ -125,8 +125,22 @@ def _live_table(handler: DLQHandler, total: int, started: float) -> Table:
     return table
 
 
-async def _demo(console: Console | None) -> dict[str, Any]:
-    stack = await asyncio.to_thread(dev_up)
+async def _demo(console: Console | None, bootstrap: str | None, redis_url: str | None) -> dict[str, Any]:
+    if bootstrap and redis_url:
+        stack = DevStack(
+            kafka_pid=0,
+            kafka_port=0,
+            kafka_controller_port=0,
+            kafka_version="?",
+            redis_pid=0,
+            redis_port=0,
+            redis_version="?",
+            folder="",
+            bootstrap=bootstrap,
+            redis=redis_url,
+        )
+    else:
+        stack = await asyncio.to_thread(dev_up)
     run = uuid.uuid4().hex[:6]
     dlq = f"demo-{run}.dlq"
     poison = f"{dlq}.poison"
@@ -213,6 +227,6 @@ async def _demo(console: Console | None) -> dict[str, Any]:
     }
 
 
-def run_demo(*, console: Console | None) -> dict[str, Any]:
-    """Run the demo to its end; returns the summary (the CLI prints it with ``--json``)."""
-    return asyncio.run(_demo(console))
+def run_demo(*, console: Console | None, bootstrap: str | None = None, redis_url: str | None = None) -> dict[str, Any]:
+    """Run the demo to its end (on the dev stack, or on the servers given); returns the summary."""
+    return asyncio.run(_demo(console, bootstrap, redis_url))

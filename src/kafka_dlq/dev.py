@@ -42,14 +42,17 @@ class DevStack:
     redis_port: int
     redis_version: str
     folder: str
+    bootstrap: str | None = None
+    """Set for servers that are not the dev stack's own (the demo pointed elsewhere)."""
+    redis: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return self.bootstrap or f"127.0.0.1:{self.kafka_port}"
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.redis or f"redis://127.0.0.1:{self.redis_port}/0"
 
     def settings(self) -> dict[str, Any]:
         """What a client needs, as ``KAFKA_DLQ_*`` environment variables use them."""
