@@ -16,6 +16,7 @@ Every change of state is one Lua script, atomic with every other instance's clai
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -168,26 +169,45 @@ table.insert(out, 1, next_due)
 return out
 """
 
-# KEYS: due, inflight, body, claims, done, history.  ARGV: id, token, outcome, now_ms, due_ms, body, history_item,
-# history_max, history_ttl_s, done_keep_ms.  Returns 1, or 0 when the claim is no longer ours (lease expired).
+# KEYS: due, inflight, body, claims, done, history:recovered, history:parked.
+# ARGV: now_ms, history_max, history_ttl_s, done_keep_ms, n, then n groups of 6: id, token, outcome ('retry',
+# 'recovered', 'parked'), due_ms, body, history_item. Returns one 1/0 per entry: 0 when the claim is no longer
+# ours (its lease expired and another instance took it), and nothing changed for that entry.
 _FINISH = """
-local id = ARGV[1]
-if redis.call('HGET', KEYS[4], id) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[2], id)
-redis.call('HDEL', KEYS[4], id)
-if ARGV[3] == 'retry' then
-  redis.call('HSET', KEYS[3], id, ARGV[6])
-  redis.call('ZADD', KEYS[1], ARGV[5], id)
-else
-  redis.call('HDEL', KEYS[3], id)
-  local now = tonumber(ARGV[4])
-  redis.call('ZADD', KEYS[5], now, id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[10]))
-  redis.call('LPUSH', KEYS[6], ARGV[7])
-  redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[8]) - 1)
-  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[9]))
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[5])
+local out = {}
+local left = false
+for i = 0, n - 1 do
+  local base = 6 + i * 6
+  local id, token, outcome = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  if redis.call('HGET', KEYS[4], id) ~= token then
+    out[i + 1] = 0
+  else
+    out[i + 1] = 1
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[4], id)
+    if outcome == 'retry' then
+      redis.call('HSET', KEYS[3], id, ARGV[base + 4])
+      redis.call('ZADD', KEYS[1], ARGV[base + 3], id)
+    else
+      left = true
+      redis.call('HDEL', KEYS[3], id)
+      redis.call('ZADD', KEYS[5], now, id)
+      local history = KEYS[6]
+      if outcome == 'parked' then history = KEYS[7] end
+      redis.call('LPUSH', history, ARGV[base + 5])
+    end
+  end
 end
-return 1
+if left then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[4]))
+  for _, history in ipairs({KEYS[6], KEYS[7]}) do
+    redis.call('LTRIM', history, 0, tonumber(ARGV[2]) - 1)
+    redis.call('EXPIRE', history, tonumber(ARGV[3]))
+  end
+end
+return out
 """
 
 
@@ -200,9 +220,7 @@ def connect_redis(url: str, max_connections: int = 32) -> aioredis.Redis:
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
     # A bounded pool that waits for a free connection: hundreds of concurrent retries share a few connections
     # instead of opening one each (and meeting the pool's "Too many connections").
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=30, driver_info=info
-    )
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, driver_info=info)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
@@ -234,6 +252,8 @@ class RedisSchedule:
         self.done_keep_ms = int(done_keep * 1000)
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._finishing: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.waitaof = False
         self.aof_enabled = False
         self.server_version = ""
@@ -326,31 +346,38 @@ class RedisSchedule:
     ) -> bool:
         """Move a claimed entry on: back to due (RETRY, with the updated ``entry``), or out (RECOVERED/PARKED).
 
-        False when the claim was lost (its lease expired and another instance took it): nothing changes.
+        False when the claim was lost (its lease expired and another instance took it): nothing changes. Finishes
+        made in the same loop iteration go to Redis together, in one script call (one round trip for hundreds).
         """
-        k = self.keys
-        which = "history:recovered" if outcome is Outcome.RECOVERED else "history:parked"
-        now = _now_ms()
         body = encode_entry(entry or claimed.entry) if outcome is Outcome.RETRY else ""
-        item = json.dumps({"id": claimed.entry.id, "at": now, **(history or {})}, separators=(",", ":"))
-        ok = await self._run(
-            "finish",
-            [k["due"], k["inflight"], k["body"], k["claims"], k["done"], k[which]],
-            [
-                claimed.entry.id,
-                claimed.token,
-                "retry" if outcome is Outcome.RETRY else outcome.value,
-                now,
-                due_ms,
-                body,
-                item,
-                self.history_max,
-                self.history_ttl,
-                self.done_keep_ms,
-            ],
-        )
-        await self._durable()
-        return bool(ok)
+        item = ""
+        if outcome is not Outcome.RETRY:
+            item = json.dumps({"id": claimed.entry.id, "at": _now_ms(), **(history or {})}, separators=(",", ":"))
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._finishing.append(((claimed.entry.id, claimed.token, outcome.value, due_ms, body, item), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_finishes())
+        return await future
+
+    async def _flush_finishes(self) -> None:
+        k = self.keys
+        keys = [k["due"], k["inflight"], k["body"], k["claims"], k["done"], k["history:recovered"], k["history:parked"]]
+        while self._finishing:
+            batch, self._finishing = self._finishing[:1000], self._finishing[1000:]
+            args: list[Any] = [_now_ms(), self.history_max, self.history_ttl, self.done_keep_ms, len(batch)]
+            for fields, _ in batch:
+                args += fields
+            try:
+                results = await self._run("finish", keys, args)
+                await self._durable()
+            except ScheduleError as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), ok in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(bool(ok))
 
     async def defer(self, claimed: Claimed, due_ms: int) -> bool:
         """Put a claimed entry back, unchanged (no attempt spent): the circuit is open."""
