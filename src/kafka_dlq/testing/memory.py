@@ -1,0 +1,212 @@
+"""An in-memory stand-in for :class:`~kafka_dlq.retrying.RetryingConsumer`, for unit tests of your handlers.
+
+It runs the very engine the Kafka-backed consumer runs (:class:`~kafka_dlq.retrying.RetryEngine`: concurrency,
+ordering, classification, in-place retry, the dead letter and its headers), with no broker: records are handed
+to it directly, dead letters are kept in lists, and backoffs are recorded instead of waited for, so a test of a
+handler that retries runs in milliseconds. It is for testing *your handler's* behaviour under kafka-dlq; the Kafka
+side is tested against a real broker.
+
+>>> async def handle(record: KafkaRecord) -> None:                  # doctest: +SKIP
+...     order = json.loads(record.value)
+...     if "id" not in order:
+...         raise KeyError("id")
+>>> consumer = MemoryRetryingConsumer(handle, classifier=Classifier(non_retryable=[KeyError]))  # doctest: +SKIP
+>>> async with consumer:                                             # doctest: +SKIP
+...     await consumer.deliver("orders", b'{"total": 3}', key=b"o-1")
+>>> consumer.dead_letters[0].failure.error_class                     # doctest: +SKIP
+'builtins.KeyError'
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from kafka_dlq.classify import Classifier
+from kafka_dlq.errors import ClientClosedError
+from kafka_dlq.formats import EncodedRecord, decode
+from kafka_dlq.kafka.offsets import PartitionOffsets
+from kafka_dlq.kafka.record import KafkaRecord
+from kafka_dlq.policy import RetryPolicy
+from kafka_dlq.records import DeadLetter
+from kafka_dlq.retrying import Ordering, RecordHandler, RetryEngine
+
+__all__ = ["MemoryRetryingConsumer"]
+
+TP = tuple[str, int]
+
+
+class MemoryRetryingConsumer:
+    """The retrying consumer without Kafka. Same settings as :class:`~kafka_dlq.retrying.RetryingConsumer` (minus
+    the connection), same behaviour; what Kafka would hold is in plain attributes:
+
+    - ``processed``: the records the handler handled (as delivered), in the order they finished;
+    - ``dead_letters``: the dead letters, decoded back from the records written (so exactly what the DLQ handler
+      would read); ``dead_letter_records``: those records, with their ``dlq.*`` headers, as written to
+      ``dlq_topic``;
+    - ``backoffs``: every in-place backoff taken, in seconds (not waited, unless ``wait_backoffs=True``);
+    - :meth:`committed`: the offsets a real consumer would have committed, per partition.
+
+    ``now_ms`` fixes the wall clock for failure times (default: the real clock).
+    """
+
+    def __init__(
+        self,
+        handler: RecordHandler,
+        *,
+        group_id: str = "memory-consumer",
+        dlq_topic: str | Callable[[str], str] | None = None,
+        classifier: Classifier | None = None,
+        policy: RetryPolicy | None = None,
+        retry_budget: float | timedelta = 10.0,
+        concurrency: int = 64,
+        ordering: Ordering = Ordering.UNORDERED,
+        spring_compatible: bool = False,
+        handler_timeout: float | timedelta | None = None,
+        wait_backoffs: bool = False,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        options: dict[str, Any] = {} if now_ms is None else {"now_ms": now_ms}
+        self.engine = RetryEngine(
+            handler,
+            group_id=group_id,
+            write_dead_letter=self._write,
+            mark_done=self._mark_done,
+            dlq_topic=dlq_topic,
+            classifier=classifier,
+            policy=policy,
+            retry_budget=retry_budget,
+            concurrency=concurrency,
+            ordering=ordering,
+            spring_compatible=spring_compatible,
+            handler_timeout=handler_timeout,
+            sleep=self._sleep,
+            on_error=self._failed,
+            **options,
+        )
+        self.wait_backoffs = wait_backoffs
+        self.processed: list[KafkaRecord] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.dead_letter_records: list[KafkaRecord] = []
+        self.backoffs: list[float] = []
+        self.errors: list[BaseException] = []
+        self._offsets: dict[TP, PartitionOffsets] = {}
+        self._next_offset: dict[TP, int] = {}
+        self._dead_lettered: set[tuple[TP, int]] = set()
+        self._closed = False
+
+    # ---------------------------------------------------------------- feeding records
+
+    async def deliver(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+        partition: int = 0,
+        timestamp: int | None = None,
+    ) -> KafkaRecord:
+        """Deliver a new record to the handler, at the partition's next offset; returns it. Does not wait for its
+        outcome: :meth:`drain` (or leaving ``async with``) does."""
+        tp = (topic, partition)
+        offset = self._next_offset.get(tp, 0)
+        record = KafkaRecord(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            timestamp=timestamp,
+            key=key,
+            value=value,
+            headers=tuple(headers),
+        )
+        await self.submit(record)
+        return record
+
+    async def submit(self, record: KafkaRecord) -> None:
+        """Deliver ``record`` as it is (say, one built with redrive headers). Offsets of a partition must rise."""
+        if self._closed:
+            raise ClientClosedError("this in-memory consumer is closed; create a new one")
+        tp = (record.topic, record.partition)
+        if record.offset < self._next_offset.get(tp, 0):
+            raise ValueError(
+                f"offset {record.offset} of {record.topic}/{record.partition} was delivered already: offsets of a "
+                "partition rise, as in Kafka"
+            )
+        self._next_offset[tp] = record.offset + 1
+        self._offsets.setdefault(tp, PartitionOffsets(0)).delivered(record.offset)
+        await self.engine.submit(record)
+
+    async def drain(self, timeout: float | None = 30.0) -> None:
+        """Wait until every delivered record has its outcome; TimeoutError after ``timeout`` seconds."""
+        if not await self.engine.drain(timeout):
+            raise TimeoutError(f"{self.engine.in_flight} records still in progress after {timeout} s")
+
+    async def close(self) -> None:
+        """Cancel what is still in progress and let go of the sync handlers' threads."""
+        self._closed = True
+        await self.engine.cancel()
+        self.engine.close()
+
+    async def __aenter__(self) -> MemoryRetryingConsumer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                await self.drain()
+        finally:
+            await self.close()
+
+    # ---------------------------------------------------------------- what Kafka would hold
+
+    def committed(self) -> dict[TP, int]:
+        """Per partition, the offset a real consumer would commit: one past the last record before which every
+        record is processed or dead-lettered (partitions with nothing to commit are left out)."""
+        return {tp: offsets.watermark for tp, offsets in self._offsets.items() if offsets.watermark is not None}
+
+    def dead_lettered(self, record: KafkaRecord) -> bool:
+        """True when ``record`` went to the dead-letter topic."""
+        return ((record.topic, record.partition), record.offset) in self._dead_lettered
+
+    def get_metrics(self) -> dict[str, int]:
+        """The same counters as the Kafka-backed consumer's (without the partition counts)."""
+        return self.engine.metrics()
+
+    # ---------------------------------------------------------------- the engine's sinks
+
+    async def _write(self, topic: str, encoded: EncodedRecord, dead_letter: DeadLetter) -> None:
+        offset = self._next_offset.get((topic, 0), 0)
+        self._next_offset[(topic, 0)] = offset + 1
+        written = KafkaRecord(
+            topic=topic,
+            partition=0,
+            offset=offset,
+            timestamp=dead_letter.last_failure,
+            key=encoded.key,
+            value=encoded.value,
+            headers=encoded.headers,
+        )
+        decoded = decode(written)
+        # Our own encoder's output must decode: anything else is a bug in kafka-dlq, and a test must say so.
+        assert isinstance(decoded, DeadLetter), decoded
+        original = dead_letter.original
+        assert original.partition is not None and original.offset is not None
+        self._dead_lettered.add(((original.topic, original.partition), original.offset))
+        self.dead_letter_records.append(written)
+        self.dead_letters.append(decoded)
+
+    def _mark_done(self, record: KafkaRecord) -> None:
+        if not self.dead_lettered(record):
+            self.processed.append(record)
+        self._offsets[(record.topic, record.partition)].done(record.offset)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.backoffs.append(seconds)
+        # Still a real suspension point, so that other records run meanwhile, as they would while this one waits.
+        await asyncio.sleep(seconds if self.wait_backoffs else 0)
+
+    def _failed(self, error: BaseException) -> None:
+        self.errors.append(error)

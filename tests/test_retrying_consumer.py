@@ -1,0 +1,403 @@
+"""The retrying consumer against the real broker: failed records reach the DLQ with their whole story, offsets are
+committed only behind durable outcomes, and a restart repeats only what was not committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from kafka_dlq.classify import Classifier
+from kafka_dlq.errors import ConfigError, TopicNotFoundError
+from kafka_dlq.formats import SourceFormat, decode, encode_native
+from kafka_dlq.handler import DLQHandler, Mode
+from kafka_dlq.kafka import KafkaRecord
+from kafka_dlq.kafka.admin import create_topics
+from kafka_dlq.loop_lag import LoopLagProbe
+from kafka_dlq.policy import Jitter, RetryPolicy
+from kafka_dlq.records import DeadLetter, OriginalRecord
+from kafka_dlq.retrying import Attempt, Ordering, RetryingConsumer, current_attempt
+from tests.conftest import wait_for
+from tests.helpers import committed_offsets, read_all, seed
+
+FAST = RetryPolicy(initial_delay=0.01, max_delay=0.02, jitter=Jitter.NONE, max_attempts=3)
+COMPLETE_HEADERS = {
+    "dlq.original.topic",
+    "dlq.original.partition",
+    "dlq.original.offset",
+    "dlq.original.timestamp",
+    "dlq.original.group",
+    "dlq.error.class",
+    "dlq.error.message",
+    "dlq.error.stacktrace",
+    "dlq.attempts",
+    "dlq.first.failure",
+    "dlq.last.failure",
+}
+
+
+def as_record(message) -> KafkaRecord:
+    ts_type, ts = message.timestamp()
+    return KafkaRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        timestamp=ts if ts_type else None,
+        key=message.key(),
+        value=message.value(),
+        headers=tuple(message.headers() or ()),
+    )
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offsets"})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def retrying(handler, kafka_bootstrap: str, group_id: str, source: str, dlq: str, **kwargs) -> RetryingConsumer:
+    kwargs.setdefault("policy", FAST)
+    return RetryingConsumer(
+        handler, topics=[source], group_id=group_id, bootstrap_servers=kafka_bootstrap, dlq_topic=dlq, **kwargs
+    )
+
+
+@pytest.fixture
+def topics(new_topic: Callable[..., str]) -> Callable[..., tuple[str, str]]:
+    """A source topic and its DLQ topic."""
+
+    def make(partitions: int = 1) -> tuple[str, str]:
+        return new_topic(partitions, None, "orders"), new_topic(1, None, "orders.dlq")
+
+    return make
+
+
+@pytest.mark.slow
+async def test_ten_thousand_records_with_failures_and_a_forced_restart_lose_nothing_and_repeat_only_the_uncommitted(
+    kafka_bootstrap, topics, group_id
+):
+    # Given 10,000 records: 1 in 100 fails retryably every time, 1 in 100 fatally, 1 in 100 once (then succeeds).
+    source, dlq = await asyncio.to_thread(topics, 4)
+    total = 10_000
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, source, [(f"k{i}".encode(), str(i).encode(), [("n", b"%d" % i)]) for i in range(total)]
+    )
+    retryable = {i for i in range(total) if i % 100 == 17}
+    fatal = {i for i in range(total) if i % 100 == 53}
+    transient = {i for i in range(total) if i % 100 == 71}
+    phase = "first"
+    deliveries: dict[str, Counter[int]] = {"first": Counter(), "second": Counter()}
+    completed: Counter[int] = Counter()
+    position: dict[int, tuple[int, int]] = {}
+
+    async def handle(record: KafkaRecord) -> None:
+        i = int(record.value or b"")
+        position[i] = (record.partition, record.offset)
+        attempt = current_attempt()
+        if attempt.in_place_attempt == 1:
+            deliveries[phase][i] += 1
+        await asyncio.sleep(0.001)  # a real suspension point: many records are in flight at once
+        if i in retryable:
+            raise ConnectionError(f"inventory service said 503 for {i}")
+        if i in fatal:
+            raise KeyError(f"order {i} does not exist")
+        if i in transient and attempt.in_place_attempt == 1:
+            raise TimeoutError("inventory service too slow")
+        completed[i] += 1
+
+    def consumer() -> RetryingConsumer:
+        return retrying(handle, kafka_bootstrap, group_id, source, dlq, classifier=Classifier(non_retryable=[KeyError]))
+
+    # When the first consumer is stopped by force a third of the way through ...
+    probe = LoopLagProbe()
+    probe.start()
+    first = consumer()
+    running = asyncio.create_task(first.run())
+    await wait_for(lambda: sum(completed.values()) >= 3000, 60, "3000 records handled")
+    in_flight_at_stop = first.get_metrics()["in_flight"]
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    first_metrics = first.get_metrics()
+    committed_at_stop = await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 4)
+    uncommitted = {i for i in deliveries["first"] if position[i][1] >= max(0, committed_at_stop[position[i][0]])}
+    left = total - sum(max(0, offset) for offset in committed_at_stop.values())
+
+    # ... and a second one of the same group takes over and runs to the end.
+    phase = "second"
+    second = consumer()
+    async with second:
+        await wait_for(
+            lambda: second.get_metrics()["processed"] + second.get_metrics()["dead_lettered"] >= left,
+            60,
+            f"the {left} records not committed by the first consumer",
+        )
+    second_metrics = second.get_metrics()
+    await probe.stop()
+
+    # Then offsets are committed to the end,
+    ends = await asyncio.to_thread(end_offsets, kafka_bootstrap, source, 4)
+    assert sum(ends.values()) == total
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 4) == ends
+    assert second_metrics["processed"] + second_metrics["dead_lettered"] == left
+    # every record was delivered, and only what the first consumer had not committed was delivered twice,
+    repeated = set(deliveries["first"]) & set(deliveries["second"])
+    print(
+        f"\nforced restart: {in_flight_at_stop} in flight, {len(uncommitted)} delivered but not committed, "
+        f"{len(repeated)} delivered again; first {first_metrics}; second {second_metrics}; "
+        f"loop lag (ms) {probe.summary()}"
+    )
+    assert set(deliveries["first"]) | set(deliveries["second"]) == set(range(total))
+    assert all(count == 1 for count in deliveries["first"].values())
+    assert all(count == 1 for count in deliveries["second"].values())
+    assert repeated <= uncommitted
+    # every record that can succeed succeeded, once unless it was repeated,
+    succeeding = set(range(total)) - retryable - fatal
+    assert set(completed) == succeeding
+    assert all(completed[i] == 1 for i in succeeding - repeated)
+    # and every failed record is in the DLQ, with its whole story.
+    dead = await asyncio.to_thread(read_all, kafka_bootstrap, dlq, expected=len(retryable | fatal), idle=2)
+    by_record: dict[int, list[dict[str, bytes]]] = {}
+    for message in dead:
+        by_record.setdefault(int(message.value()), []).append(dict(message.headers()))
+    assert set(by_record) == retryable | fatal
+    assert len(dead) - len(by_record) <= len(repeated & (retryable | fatal))
+    for i, copies in by_record.items():
+        headers = copies[0]
+        assert set(headers) >= COMPLETE_HEADERS, i
+        assert headers["dlq.original.topic"] == source.encode()
+        assert (int(headers["dlq.original.partition"]), int(headers["dlq.original.offset"])) == position[i]
+        assert headers["dlq.original.group"] == group_id.encode()
+        assert int(headers["dlq.first.failure"]) <= int(headers["dlq.last.failure"])
+        if i in retryable:
+            assert headers["dlq.error.class"] == b"builtins.ConnectionError"
+            assert headers["dlq.attempts"] == b"3"
+        else:
+            assert headers["dlq.error.class"] == b"builtins.KeyError"
+            assert headers["dlq.attempts"] == b"1"
+        assert b"Traceback" in headers["dlq.error.stacktrace"]
+    assert first_metrics["retried_in_place"] + second_metrics["retried_in_place"] >= 2 * len(retryable) + len(transient)
+
+
+async def test_a_handler_slower_than_max_poll_interval_keeps_the_consumer_in_its_group(
+    kafka_bootstrap, topics, group_id
+):
+    source, dlq = await asyncio.to_thread(topics)
+    await asyncio.to_thread(seed, kafka_bootstrap, source, [(b"k", b"%d" % i, []) for i in range(3)])
+    calls: Counter[int] = Counter()
+
+    async def handle(record: KafkaRecord) -> None:
+        calls[record.offset] += 1
+        if record.offset == 0:
+            await asyncio.sleep(8)  # longer than max.poll.interval.ms: the client thread keeps polling meanwhile
+
+    consumer = retrying(
+        handle,
+        kafka_bootstrap,
+        group_id,
+        source,
+        dlq,
+        consumer_config={"max.poll.interval.ms": 6000, "session.timeout.ms": 6000},
+    )
+    async with consumer:
+        await wait_for(lambda: consumer.get_metrics()["processed"] == 3, 30, "all 3 records processed")
+        metrics = consumer.get_metrics()
+
+    assert calls == Counter({0: 1, 1: 1, 2: 1})
+    assert (metrics["partitions_assigned"], metrics["partitions_revoked"]) == (1, 0)  # never left the group
+    assert metrics["dead_lettered"] == 0
+    assert consumer.retry_budget == 3.0  # half of max.poll.interval.ms
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 3}
+
+
+async def test_a_spring_compatible_dead_letter_decodes_back_to_the_same_dead_letter(kafka_bootstrap, topics, group_id):
+    source, dlq = await asyncio.to_thread(topics)
+    await asyncio.to_thread(seed, kafka_bootstrap, source, [(b"order-1", b'{"id":1}', [("traceparent", b"00-ab")])])
+
+    async def handle(record: KafkaRecord) -> None:
+        raise KeyError("order 1 does not exist")
+
+    consumer = retrying(
+        handle,
+        kafka_bootstrap,
+        group_id,
+        source,
+        dlq,
+        classifier=Classifier(non_retryable=[KeyError]),
+        spring_compatible=True,
+    )
+    async with consumer:
+        await wait_for(lambda: consumer.get_metrics()["dead_lettered"] == 1, 30, "the dead letter")
+
+    [original] = [as_record(m) for m in await asyncio.to_thread(read_all, kafka_bootstrap, source, expected=1)]
+    [written] = [as_record(m) for m in await asyncio.to_thread(read_all, kafka_bootstrap, dlq, expected=1)]
+    dead_letter = decode(written)
+    assert isinstance(dead_letter, DeadLetter)
+    assert dead_letter.source_format is SourceFormat.NATIVE
+    assert dead_letter.original == OriginalRecord(
+        topic=source,
+        partition=0,
+        offset=0,
+        timestamp=original.timestamp,
+        key=b"order-1",
+        value=b'{"id":1}',
+        headers=(("traceparent", b"00-ab"),),
+    )
+    assert (dead_letter.failure.error_class, dead_letter.failure.message) == (
+        "builtins.KeyError",
+        "'order 1 does not exist'",
+    )
+    assert (dead_letter.attempts, dead_letter.group) == (1, group_id)
+    # Written again, the decoded dead letter gives the very same headers, byte for byte: nothing was lost.
+    assert encode_native(dead_letter, spring_compatible=True).headers == written.headers
+    # A Java tool that reads only Spring's headers reads the same story.
+    spring_only = dataclasses.replace(written, headers=tuple(h for h in written.headers if not h[0].startswith("dlq.")))
+    as_spring = decode(spring_only)
+    assert isinstance(as_spring, DeadLetter) and as_spring.source_format is SourceFormat.SPRING
+    assert as_spring.original == dead_letter.original
+    assert as_spring.failure == dead_letter.failure
+    assert as_spring.group == dead_letter.group
+
+
+async def test_with_key_ordering_a_later_record_never_overtakes_an_earlier_one_in_retry(
+    kafka_bootstrap, topics, group_id
+):
+    source, dlq = await asyncio.to_thread(topics)
+    keys = [b"a", b"b", b"a", b"b", b"a", b"b", b"c", b"c"]
+    await asyncio.to_thread(seed, kafka_bootstrap, source, [(key, b"v", []) for key in keys])
+    events: list[tuple[bytes, int, str]] = []
+    b_done = asyncio.Event()
+    dead_lettered_when_c_went_on: list[int] = []
+    consumer: RetryingConsumer
+
+    async def handle(record: KafkaRecord) -> None:
+        key, offset = record.key or b"", record.offset
+        events.append((key, offset, "start"))
+        if (key, offset) == (b"a", 0):
+            if current_attempt().in_place_attempt == 1:
+                raise ConnectionError("once")
+            # Key b must get through while key a waits: a partition-wide wait would never set this.
+            await asyncio.wait_for(b_done.wait(), 20)
+        if (key, offset) == (b"b", 5):
+            b_done.set()
+        if (key, offset) == (b"c", 6):
+            raise KeyError("gone")
+        if (key, offset) == (b"c", 7):
+            dead_lettered_when_c_went_on.append(consumer.get_metrics()["dead_lettered"])
+        events.append((key, offset, "end"))
+
+    consumer = retrying(
+        handle,
+        kafka_bootstrap,
+        group_id,
+        source,
+        dlq,
+        ordering=Ordering.KEY,
+        classifier=Classifier(non_retryable=[KeyError]),
+    )
+    async with consumer:
+        await wait_for(lambda: consumer.get_metrics()["processed"] == 7, 30, "7 records processed")
+
+    for key in (b"a", b"b", b"c"):
+        starts = [offset for k, offset, kind in events if k == key and kind == "start"]
+        assert starts == sorted(starts), key
+    assert events.index((b"a", 2, "start")) > events.index((b"a", 0, "end"))
+    assert events.index((b"a", 4, "start")) > events.index((b"a", 2, "end"))
+    assert dead_lettered_when_c_went_on == [1]  # c's second record waited for the first's dead letter
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 8}
+
+
+async def test_a_record_redriven_by_the_dlq_handler_carries_its_attempts_until_it_is_parked(
+    kafka_bootstrap, redis_url, topics, group_id, unique_name
+):
+    # Given a record that fails every time, a retrying consumer that sends each failure straight to the DLQ, and a
+    # DLQ handler that republishes dead letters to their original topic, up to 3 attempts in all.
+    source, dlq = await asyncio.to_thread(topics)
+    await asyncio.to_thread(create_topics, kafka_bootstrap, {f"{dlq}.poison": 1})
+    await asyncio.to_thread(seed, kafka_bootstrap, source, [(b"order-1", b"v", [("traceparent", b"00-ab")])])
+    seen: list[tuple[Attempt, KafkaRecord]] = []
+
+    async def handle(record: KafkaRecord) -> None:
+        seen.append((current_attempt(), record))
+        raise ConnectionError("billing said 503")
+
+    consumer = retrying(handle, kafka_bootstrap, group_id, source, dlq, retry_budget=0)
+    handler = DLQHandler(
+        name=unique_name("redrive"),
+        topics=[dlq],
+        bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,
+        mode=Mode.REPUBLISH,
+        policies=RetryPolicy(initial_delay=0.05, max_delay=0.1, max_attempts=3),
+    )
+    async with consumer, handler:
+        await wait_for(lambda: handler.get_metrics()["parked"] == 1, 30, "the record parked after 3 attempts")
+
+    # Then each delivery saw the original record and the attempt it was in, the first failure carried along,
+    assert [attempt.attempt for attempt, _ in seen] == [1, 2, 3]
+    assert all(record.headers == (("traceparent", b"00-ab"),) for _, record in seen)
+    first_failure = seen[1][0].first_failure
+    assert first_failure is not None and seen[2][0].first_failure == first_failure
+    # and the dead letters counted the record's whole life.
+    dead = [decode(as_record(m)) for m in await asyncio.to_thread(read_all, kafka_bootstrap, dlq, expected=3)]
+    assert [d.attempts for d in dead if isinstance(d, DeadLetter)] == [1, 2, 3]
+    assert {d.first_failure for d in dead if isinstance(d, DeadLetter)} == {first_failure}
+    [parked] = [decode(as_record(m)) for m in await asyncio.to_thread(read_all, kafka_bootstrap, f"{dlq}.poison")]
+    assert isinstance(parked, DeadLetter)
+    assert (parked.attempts, parked.reason, parked.first_failure) == (3, "max_attempts", first_failure)
+    assert parked.original.headers == (("traceparent", b"00-ab"),)
+
+
+async def test_a_missing_dlq_topic_is_a_clear_error_at_start(kafka_bootstrap, topic, group_id):
+    async def handle(record: KafkaRecord) -> None:
+        return None
+
+    consumer = RetryingConsumer(handle, topics=[topic], group_id=group_id, bootstrap_servers=kafka_bootstrap)
+    with pytest.raises(TopicNotFoundError, match=rf"{topic}\.dlq"):
+        await consumer.start()
+    await consumer.stop()
+
+
+def _noop(record: KafkaRecord) -> None:
+    return None
+
+
+def test_the_in_place_budget_is_capped_at_half_of_max_poll_interval():
+    consumer = RetryingConsumer(
+        _noop,
+        topics=["orders"],
+        group_id="g",
+        bootstrap_servers="127.0.0.1:9",
+        retry_budget=60,
+        consumer_config={"max.poll.interval.ms": "20000"},
+    )
+    assert consumer.retry_budget == 10.0
+    default = RetryingConsumer(_noop, topics=["orders"], group_id="g", bootstrap_servers="127.0.0.1:9")
+    assert default.retry_budget == 10.0
+    assert default.dlq_topic_for("orders") == "orders.dlq"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"topics": []}, "topics must be a non-empty list"),
+        ({"topics": "orders"}, "topics must be a non-empty list"),
+        ({"group_id": ""}, "group_id is missing"),
+        ({"bootstrap_servers": None}, "no brokers"),
+        ({"dlq_topic": "orders"}, "would loop"),
+        ({"kafka_config": {"group.id": "other"}}, "give the group once"),
+        ({"consumer_config": {"group.id": "other"}}, "give the group once"),
+        ({"concurrency": 0}, "concurrency must be an int >= 1"),
+    ],
+)
+def test_wrong_settings_are_config_errors_that_say_what_to_do(kwargs, message):
+    settings = {"topics": ["orders"], "group_id": "g", "bootstrap_servers": "127.0.0.1:9", **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        RetryingConsumer(_noop, **settings)
