@@ -7,6 +7,7 @@ def test_public_names_are_pinned():
     assert sorted(kafka_dlq.__all__) == sorted(
         [
             "AsyncConsumer",
+            "Attempt",
             "AsyncProducer",
             "Backoff",
             "BreakerSettings",
@@ -27,6 +28,7 @@ def test_public_names_are_pinned():
             "KafkaRecord",
             "LoopLagProbe",
             "Mode",
+            "Ordering",
             "OriginalRecord",
             "Outcome",
             "ParkNow",
@@ -34,12 +36,14 @@ def test_public_names_are_pinned():
             "Reason",
             "RetryLater",
             "RetryPolicy",
+            "RetryingConsumer",
             "ServerError",
             "TopicNotFoundError",
             "TopicPolicies",
             "TransactionalProducer",
             "Undecodable",
             "__version__",
+            "current_attempt",
             "decode",
             "encode_native",
         ]

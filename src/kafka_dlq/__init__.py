@@ -25,12 +25,14 @@ from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.outcomes import Outcome, ParkNow, Reason, RetryLater
 from kafka_dlq.policy import Backoff, Jitter, RetryPolicy, TopicPolicies
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
+from kafka_dlq.retrying import Attempt, Ordering, RetryingConsumer, current_attempt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncConsumer",
     "AsyncProducer",
+    "Attempt",
     "Backoff",
     "BreakerSettings",
     "BrokerUnreachableError",
@@ -50,6 +52,7 @@ __all__ = [
     "KafkaRecord",
     "LoopLagProbe",
     "Mode",
+    "Ordering",
     "OriginalRecord",
     "Outcome",
     "ParkNow",
@@ -57,12 +60,14 @@ __all__ = [
     "RecordTooLargeError",
     "RetryLater",
     "RetryPolicy",
+    "RetryingConsumer",
     "ServerError",
     "TopicNotFoundError",
     "TopicPolicies",
     "TransactionalProducer",
     "Undecodable",
     "__version__",
+    "current_attempt",
     "decode",
     "encode_native",
 ]

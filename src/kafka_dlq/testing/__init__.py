@@ -4,6 +4,7 @@
 their own, as context managers.
 """
 
+from kafka_dlq.testing.memory import MemoryRetryingConsumer
 from kafka_dlq.testing.servers import (
     KAFKA_VERSION,
     KafkaServer,
@@ -13,4 +14,12 @@ from kafka_dlq.testing.servers import (
     free_port,
 )
 
-__all__ = ["KAFKA_VERSION", "KafkaServer", "RedisServer", "cache_dir", "ensure_kafka_libs", "free_port"]
+__all__ = [
+    "KAFKA_VERSION",
+    "KafkaServer",
+    "MemoryRetryingConsumer",
+    "RedisServer",
+    "cache_dir",
+    "ensure_kafka_libs",
+    "free_port",
+]
