@@ -7,7 +7,8 @@ Per handler (namespace ``kafka-dlq:{name}``), every key under one hash tag so Re
 - ``body``     hash: entry id -> the entry (JSON)
 - ``claims``   hash: entry id -> the token of the claim that holds it
 - ``done``     sorted set: entry id -> when it left (recovered or parked), so a re-read dead letter is not redone
-- ``history:recovered`` / ``history:parked``: capped lists with a TTL, newest first
+- ``history:recovered`` / ``history:parked`` / ``history:dropped``: capped lists with a TTL, newest first
+  (``dropped``: what an operator removed with ``kafka-dlq pending drop``, with who and when)
 - ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders)
 
 An entry id is the dead letter's coordinates (``dlq topic/partition/offset``), never a hash of its value.
@@ -245,7 +246,17 @@ class RedisSchedule:
         prefix = f"kafka-dlq:{{{name}}}"
         self.keys = {
             part: f"{prefix}:{part}"
-            for part in ("due", "inflight", "body", "claims", "done", "history:recovered", "history:parked", "repeats")
+            for part in (
+                "due",
+                "inflight",
+                "body",
+                "claims",
+                "done",
+                "history:recovered",
+                "history:parked",
+                "history:dropped",
+                "repeats",
+            )
         }
         self.history_max = history_max
         self.history_ttl = int(history_ttl)
@@ -405,5 +416,5 @@ class RedisSchedule:
         return [json.loads(item) for item in items]
 
     async def clear(self) -> None:
-        """Delete every key of this handler (tests and ``kafka-dlq pending drop --all``)."""
+        """Delete every key of this handler: its whole schedule and history (tests, benchmarks, the demo)."""
         await self.client.delete(*self.keys.values())
