@@ -290,9 +290,6 @@ async def test_two_instances_share_the_work_and_never_run_one_record_at_once(
 ):
     topic = await asyncio.to_thread(dlq, 4)
     total = 400
-    await asyncio.to_thread(
-        seed, kafka_bootstrap, topic, [dead_letter("orders", f"r{i}".encode(), b"v") for i in range(total)]
-    )
     running: set[bytes] = set()
     overlaps: list[bytes] = []
     by_instance: Counter[str] = Counter()
@@ -322,6 +319,12 @@ async def test_two_instances_share_the_work_and_never_run_one_record_at_once(
     first = DLQHandler(**common, processors={"orders": processor_for("a")})
     second = DLQHandler(**common, processors={"orders": processor_for("b")})
     async with first, second:
+        # Both members are in the group before any work arrives, so neither can finish it all alone.
+        await wait_for(lambda: bool(first._consumer and first._consumer._current), 60, "the first member assigned")
+        await wait_for(lambda: bool(second._consumer and second._consumer._current), 60, "the second member assigned")
+        await asyncio.to_thread(
+            seed, kafka_bootstrap, topic, [dead_letter("orders", f"r{i}".encode(), b"v") for i in range(total)]
+        )
         await wait_for(
             lambda: first.get_metrics()["recovered"] + second.get_metrics()["recovered"] >= total, 60, "all recovered"
         )
