@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -26,7 +26,7 @@ from confluent_kafka import (
 from kafka_dlq.errors import ClientClosedError, ConfigError, KafkaClientError, TopicNotFoundError
 from kafka_dlq.kafka._thread import ClientState, ClientThread, QuietErrors, librdkafka_log, translate
 from kafka_dlq.kafka.offsets import PartitionOffsets
-from kafka_dlq.kafka.record import KafkaRecord
+from kafka_dlq.kafka.record import KafkaRecord, record_from_wire
 
 R = TypeVar("R")
 
@@ -35,7 +35,6 @@ __all__ = ["AsyncConsumer", "CommitMode", "next_offsets"]
 log = logging.getLogger("kafka_dlq.kafka.consumer")
 
 TP = tuple[str, int]
-_DONE, _RELEASED = 0, 1
 
 
 class CommitMode(Enum):
@@ -114,16 +113,28 @@ class AsyncConsumer:
         self._on_revoke_cb = on_revoke
         self.state = ClientState.NEW
         self._thread: ClientThread[Consumer] | None = None
+        # The thread only waits on librdkafka and hands raw batches over; every step per record (building it,
+        # tracking its offset, marking it done) runs on the loop. Python threads take turns at the GIL, so work
+        # per record on the consumer's thread would stall the loop (and the producer's thread) in small slices.
+        # The PartitionOffsets objects are shared: the loop writes them, the thread reads watermarks and counts.
         # Loop side.
+        self._loop_thread: int | None = None
         self._buffer: deque[KafkaRecord] = deque()
         self._arrived = asyncio.Event()
-        self._error: KafkaClientError | None = None
+        self._error: KafkaClientError | ConfigError | None = None
         self._current: dict[TP, int] = {}  # assigned partition -> generation, as the loop knows it
+        self._offsets: dict[TP, PartitionOffsets] = {}  # includes partitions being revoked, until committed
+        self._maybe_stale = False  # the buffer may hold records of an older generation (after a rewind)
+        self._received = 0  # records the loop has received from the thread
+        self._moves = 0  # watermark moves, counted by the loop; the thread commits when it changes
         # Thread side.
-        self._marks: queue.SimpleQueue[tuple[int, str, int, int, int]] = queue.SimpleQueue()
         self._tracked: dict[TP, PartitionOffsets] = {}
         self._paused: set[TP] = set()
         self._generation = 0
+        self._handed = 0  # records handed to the loop
+        self._taken = threading.Event()  # the loop took records from its buffer
+        self._backlog_limit = 4 * batch_size
+        self._seen_moves = 0
         self._dirty = False
         self._last_commit = 0.0
         self._closing = False
@@ -140,6 +151,7 @@ class AsyncConsumer:
         if self.state is not ClientState.NEW:
             raise ClientClosedError(f"this consumer is {self.state.value}; a consumer starts once: create a new one")
         self.state = ClientState.STARTING
+        self._loop_thread = threading.get_ident()
         self._thread = ClientThread(
             f"kafka-dlq-consumer-{self.group_id}", asyncio.get_running_loop(), self._create, self._serve, self._close
         )
@@ -191,12 +203,25 @@ class AsyncConsumer:
             raise error
         if self.state is ClientState.CLOSED and not self._buffer:
             raise ClientClosedError("the consumer is stopped")
-        out: list[KafkaRecord] = []
-        buffer, current = self._buffer, self._current
+        buffer = self._buffer
+        if buffer:
+            self._taken.set()  # the thread may be waiting for room to hand over more
+        if not self._maybe_stale:
+            # Every buffered record is current (revoked partitions' records leave the buffer at once).
+            if len(buffer) <= max_records:
+                out = list(buffer)
+                buffer.clear()
+            else:
+                out = [buffer.popleft() for _ in range(max_records)]
+            return out
+        out = []
+        current = self._current
         while buffer and len(out) < max_records:
             record = buffer.popleft()
             if current.get((record.topic, record.partition)) == record.generation:
                 out.append(record)
+        if not buffer:
+            self._maybe_stale = False
         return out
 
     async def __aiter__(self) -> AsyncIterator[KafkaRecord]:
@@ -205,13 +230,38 @@ class AsyncConsumer:
                 yield record
 
     def done(self, record: KafkaRecord) -> None:
-        """Mark ``record`` done: its outcome is durable. Records may be marked in any order."""
-        self._marks.put((_DONE, record.topic, record.partition, record.offset, record.generation))
+        """Mark ``record`` done: its outcome is durable. Records may be marked in any order, from any thread."""
+        self.done_many((record,))
 
     def done_many(self, records: Iterable[KafkaRecord]) -> None:
-        put = self._marks.put
+        """Mark ``records`` done (``done`` for each, in one step)."""
+        if threading.get_ident() != self._loop_thread:
+            # The offsets are the loop's to change; from another thread, the mark goes through the loop.
+            if self._thread is not None:
+                self._thread.call_on_loop(self.done_many, list(records))
+            return
+        offsets_of, moved = self._offsets, False
+        key: tuple[str, int, int] | None = None
+        run: list[int] = []
         for record in records:
-            put((_DONE, record.topic, record.partition, record.offset, record.generation))
+            # Batches come grouped by partition: one done_many per run of records of one partition.
+            this = (record.topic, record.partition, record.generation)
+            if this != key:
+                if run and key is not None:
+                    moved |= self._done_run(offsets_of, key, run)
+                key, run = this, []
+            run.append(record.offset)
+        if run and key is not None:
+            moved |= self._done_run(offsets_of, key, run)
+        if moved and self.commit_mode is CommitMode.TRACKED:
+            self._moves += 1
+
+    @staticmethod
+    def _done_run(offsets_of: dict[TP, PartitionOffsets], key: tuple[str, int, int], run: list[int]) -> bool:
+        offsets = offsets_of.get((key[0], key[1]))
+        if offsets is None or offsets.generation != key[2]:
+            return False  # a record of an assignment that is gone: its partition is no longer ours
+        return offsets.done_many(run)
 
     async def commit(self) -> list[TopicPartition]:
         """Commit the done watermarks now (synchronously on the consumer's thread); returns what was committed."""
@@ -242,25 +292,73 @@ class AsyncConsumer:
 
     # ---------------------------------------------------------------- loop-side callbacks from the thread
 
-    def _on_batch(self, records: list[KafkaRecord]) -> None:
-        self._buffer.extend(records)
-        self._arrived.set()
+    def _on_batch(self, messages: list[Message]) -> None:
+        self._received += len(messages)
+        current, offsets_of, append = self._current, self._offsets, self._buffer.append
+        last: TP | None = None
+        offsets: PartitionOffsets | None = None
+        run: list[int] = []  # offsets of the current run of one partition's records: tracked in one call
+        generation = 0
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                self._message_error(error)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            tp = (topic, partition)
+            if tp != last:
+                if offsets is not None and run:
+                    offsets.delivered_many(run)
+                run = []
+                last, offsets = tp, offsets_of.get(tp)
+                generation = current.get(tp, -1)
+                if offsets is not None and offsets.generation != generation:
+                    offsets = None  # revoked (or being revoked): not ours any more
+            if offsets is None:
+                continue  # a late record of a partition we no longer own
+            run.append(offset)
+            ts_type, ts = msg.timestamp()
+            headers = msg.headers()
+            append(
+                record_from_wire(
+                    topic,
+                    partition,
+                    offset,
+                    None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
+                    msg.key(),
+                    msg.value(),
+                    tuple(headers) if headers else (),  # type: ignore[arg-type]
+                    generation,
+                )
+            )
+        if offsets is not None and run:
+            offsets.delivered_many(run)
+        if self._buffer:
+            self._arrived.set()
 
-    def _on_error(self, error: KafkaClientError) -> None:
+    def _on_error(self, error: KafkaClientError | ConfigError) -> None:
         self._error = error
         self._arrived.set()
 
-    def _on_partitions(self, assigned: dict[TP, int], revoked: list[TP]) -> None:
+    def _on_partitions(self, assigned: dict[TP, PartitionOffsets], revoked: list[TP]) -> None:
         for tp in revoked:
             self._current.pop(tp, None)
-        self._current.update(assigned)
+        for tp, offsets in assigned.items():
+            self._current[tp] = offsets.generation
+            self._offsets[tp] = offsets
+        if assigned and self._buffer:
+            self._maybe_stale = True  # a rewind: buffered records of the old generation are not handed out
         if revoked:
             # Records of a revoked partition that the application has not taken go back, unprocessed.
             keep: deque[KafkaRecord] = deque()
             gone = set(revoked)
             for record in self._buffer:
-                if (record.topic, record.partition) in gone:
-                    self._marks.put((_RELEASED, record.topic, record.partition, record.offset, record.generation))
+                tp = (record.topic, record.partition)
+                if tp in gone:
+                    held = self._offsets.get(tp)
+                    if held is not None and held.generation == record.generation:
+                        held.release(record.offset)
                 else:
                     keep.append(record)
             self._buffer = keep
@@ -268,6 +366,12 @@ class AsyncConsumer:
                 self._on_revoke_cb(revoked)
         if assigned and self._on_assign_cb:
             self._on_assign_cb(list(assigned))
+
+    def _forget(self, gone: dict[TP, PartitionOffsets]) -> None:
+        """After a revoke's commit (or a loss): marks for these partitions no longer count."""
+        for tp, offsets in gone.items():
+            if self._offsets.get(tp) is offsets:  # not if the partition has been assigned again meanwhile
+                del self._offsets[tp]
 
     # ---------------------------------------------------------------- the consumer's thread
 
@@ -303,53 +407,32 @@ class AsyncConsumer:
         return consumer
 
     def _serve(self, consumer: Consumer) -> None:
-        self._apply_marks()
         self._backpressure(consumer)
-        messages = consumer.consume(self._batch_size, self._poll_timeout)
+        self._taken.clear()
+        if self._handed - self._received + len(self._buffer) >= self._backlog_limit:
+            # The loop has not caught up with what it was handed: leave the records in librdkafka's queue
+            # (it keeps fetching ahead) until it takes some. consume(1, 0) still serves rebalances and keeps
+            # the group membership; pausing instead would make librdkafka drop what it fetched and fetch it again.
+            self._taken.wait(self._poll_timeout)
+            messages = consumer.consume(1, 0)
+        else:
+            messages = consumer.consume(self._batch_size, self._poll_timeout)
         if messages:
-            self._hand_over(messages)
+            self._handed += len(messages)
+            assert self._thread is not None
+            self._thread.call_on_loop(self._on_batch, messages)
+        if self._moves != self._seen_moves:
+            self._seen_moves = self._moves
+            self._dirty = True
         if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
             self._commit_async(consumer)
-
-    def _hand_over(self, messages: list[Message]) -> None:
-        records: list[KafkaRecord] = []
-        tracked = self._tracked
-        for msg in messages:
-            error = msg.error()
-            if error is not None:
-                self._message_error(error)
-                continue
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            assert topic is not None and partition is not None and offset is not None
-            offsets = tracked.get((topic, partition))
-            if offsets is None:
-                continue  # a late record of a partition we no longer own
-            offsets.delivered(offset)
-            ts_type, ts = msg.timestamp()
-            headers = msg.headers()
-            records.append(
-                KafkaRecord(
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    timestamp=None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
-                    key=msg.key(),
-                    value=msg.value(),
-                    headers=tuple(headers) if isinstance(headers, list) else (),  # type: ignore[arg-type]
-                    generation=offsets.generation,
-                )
-            )
-        if records:
-            assert self._thread is not None
-            self._thread.call_on_loop(self._on_batch, records)
 
     def _message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
             return
         translated = translate(error, "consume")
         if error.fatal() or isinstance(translated, TopicNotFoundError):
-            assert self._thread is not None
-            self._thread.call_on_loop(self._on_error, translated)
+            self._on_error(translated)
         else:
             log.warning("consumer %s: %s", self.group_id, translated)
 
@@ -364,21 +447,6 @@ class AsyncConsumer:
         if error is not None and error.code() != KafkaError._NO_OFFSET:
             log.warning("consumer %s: commit failed (%s); the next commit covers it", self.group_id, error.str())
             self._dirty = True
-
-    def _apply_marks(self, limit: int = 100_000) -> None:
-        tracked, marks = self._tracked, self._marks
-        for _ in range(limit):
-            try:
-                kind, topic, partition, offset, generation = marks.get_nowait()
-            except queue.Empty:
-                return
-            offsets = tracked.get((topic, partition))
-            if offsets is None or offsets.generation != generation:
-                continue
-            if kind == _RELEASED:
-                offsets.release(offset)
-            elif offsets.done(offset) and self.commit_mode is CommitMode.TRACKED:
-                self._dirty = True
 
     def _backpressure(self, consumer: Consumer) -> None:
         limit = self._max_pending
@@ -413,7 +481,6 @@ class AsyncConsumer:
             consumer.commit(offsets=offsets, asynchronous=True)
 
     def _commit_sync(self, consumer: Consumer, partitions: list[TP]) -> list[TopicPartition]:
-        self._apply_marks()
         offsets = self._watermarks(partitions)
         if not offsets or self.commit_mode is not CommitMode.TRACKED:
             return []
@@ -431,9 +498,8 @@ class AsyncConsumer:
         assigned = {}
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            self._tracked[key] = PartitionOffsets(self._generation)
+            assigned[key] = self._tracked[key] = PartitionOffsets(self._generation)
             self._paused.discard(key)
-            assigned[key] = self._generation
         assert self._thread is not None
         self._thread.call_on_loop(self._on_partitions, assigned, [])
 
@@ -444,7 +510,7 @@ class AsyncConsumer:
         self._thread.call_on_loop(self._on_partitions, {}, revoked)
         deadline = time.monotonic() + (min(self._revoke_timeout, 2.0) if self._closing else self._revoke_timeout)
         while time.monotonic() < deadline:
-            self._apply_marks()
+            # The loop marks records done (and releases the ones it had not handed out) on these same objects.
             if not any(self._tracked[tp].pending for tp in revoked if tp in self._tracked):
                 break
             time.sleep(0.005)
@@ -457,18 +523,18 @@ class AsyncConsumer:
             self._commit_sync(consumer, revoked)
         except KafkaClientError as exc:
             log.warning("consumer %s: commit at revoke failed: %s", self.group_id, exc)
-        for tp in revoked:
-            self._tracked.pop(tp, None)
-            self._paused.discard(tp)
+        gone = {tp: self._tracked.pop(tp) for tp in revoked if tp in self._tracked}
+        self._paused.difference_update(revoked)
+        self._thread.call_on_loop(self._forget, gone)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost partitions (session timed out) cannot be committed: forget them; their records come again."""
         lost = [(tp.topic, tp.partition) for tp in partitions]
         assert self._thread is not None
         self._thread.call_on_loop(self._on_partitions, {}, lost)
-        for tp in lost:
-            self._tracked.pop(tp, None)
-            self._paused.discard(tp)
+        gone = {tp: self._tracked.pop(tp) for tp in lost if tp in self._tracked}
+        self._paused.difference_update(lost)
+        self._thread.call_on_loop(self._forget, gone)
 
     def _rewind(self, consumer: Consumer) -> None:
         assignment = consumer.assignment()
@@ -477,8 +543,7 @@ class AsyncConsumer:
         assigned = {}
         for tp in committed:
             key = (tp.topic, tp.partition)
-            self._tracked[key] = PartitionOffsets(self._generation)
-            assigned[key] = self._generation
+            assigned[key] = self._tracked[key] = PartitionOffsets(self._generation)
             offset = tp.offset if tp.offset >= 0 else _reset_offset(self._config.get("auto.offset.reset"))
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         assert self._thread is not None

@@ -2,7 +2,8 @@
 
 ``produce`` is called from the loop (librdkafka only queues the record); a dedicated thread polls for delivery
 reports and resolves their futures on the loop in batches, and runs every call that waits (flush, transactions,
-metadata) so that none runs on the loop.
+metadata) so that none runs on the loop. While the loop is busy sending, it serves delivery reports itself with
+``poll(0)``, which never waits: see ``AsyncProducer._serve`` for why.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -28,6 +32,12 @@ log = logging.getLogger("kafka_dlq.kafka.producer")
 
 _DEFAULTS: dict[str, Any] = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
 _YIELD_EVERY = 200
+"""Sends in a row before ``send`` serves delivery reports and lets the loop run other tasks."""
+_LOOP_SERVES_FOR = 0.01
+"""Seconds after the loop last served delivery reports during which the thread leaves them to it."""
+_RESOLVE_CHUNK = 2000
+"""Delivery futures resolved in one loop callback; more wait for the next, so other tasks run in between."""
+_PARTITION_ANY = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
 
 
 class Delivery(NamedTuple):
@@ -67,7 +77,11 @@ class AsyncProducer:
         self.state = ClientState.NEW
         self._thread: ClientThread[Producer] | None = None
         self._producer: Producer | None = None
-        self._completed: list[_Outcome] = []
+        self._loop_thread: int | None = None
+        self._completed: list[_Outcome] = []  # delivery reports served on the thread, for the loop to resolve
+        self._to_resolve: deque[_Outcome] = deque()  # on the loop: handed over by the thread, not yet resolved
+        self._resolve_scheduled = False
+        self._loop_served_at = 0.0
         self._room = asyncio.Event()
         self._known_topics: set[str] = set()
         self._fatal: KafkaClientError | ConfigError | None = None
@@ -81,6 +95,7 @@ class AsyncProducer:
         if self.state is not ClientState.NEW:
             raise ClientClosedError(f"this producer is {self.state.value}; a producer starts once: create a new one")
         self.state = ClientState.STARTING
+        self._loop_thread = threading.get_ident()
         self._thread = ClientThread(
             f"kafka-dlq-{self.name}", asyncio.get_running_loop(), self._create, self._serve, self._close
         )
@@ -121,6 +136,7 @@ class AsyncProducer:
             log.error("%s did not close within %.0f s; leaving its thread behind", self.name, timeout)
         finally:
             self.state = ClientState.CLOSED
+            self._resolve(everything=True)  # every future is settled (delivered or failed) once stopped
 
     async def __aenter__(self) -> AsyncProducer:
         await self.start()
@@ -142,30 +158,31 @@ class AsyncProducer:
         timestamp: int | None = None,
     ) -> asyncio.Future[Delivery]:
         """Queue a record; returns its delivery future. Waits (without blocking) while the local queue is full."""
-        if self.state is not ClientState.RUNNING or self._producer is None:
+        producer = self._producer
+        if self.state is not ClientState.RUNNING or producer is None:
             raise ClientClosedError(f"the producer is {self.state.value}")
         if self._fatal is not None:
             raise self._fatal
         if topic not in self._known_topics:
             await self._check_topic(topic)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Delivery] = loop.create_future()
-        kwargs: dict[str, Any] = {"on_delivery": functools.partial(self._delivered, future)}
-        if key is not None:
-            kwargs["key"] = key
+        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        # One small object per record in flight (a partial of a plain function, not of a bound method, which
+        # would be a second one): fewer objects for the garbage collector to walk while records are in flight.
+        on_delivery = functools.partial(_delivered, self, future)
+        # Positional arguments (topic, value, key, partition, callback, on_delivery, timestamp, headers): this runs
+        # once per record, and keyword parsing would cost more than librdkafka's own work. 0 is "now".
+        listed: Any = None
         if headers:
-            kwargs["headers"] = list(headers)
-        if partition is not None:
-            kwargs["partition"] = partition
-        if timestamp is not None:
-            kwargs["timestamp"] = timestamp
+            listed = headers if type(headers) is list else list(headers)  # confluent-kafka takes a list only
+        where = _PARTITION_ANY if partition is None else partition
         while True:
             try:
-                self._producer.produce(topic, value, **kwargs)
+                producer.produce(topic, value, key, where, on_delivery, None, timestamp or 0, listed)
                 self._sent_since_yield += 1
                 if self._sent_since_yield >= _YIELD_EVERY:
                     # A tight loop of sends never waits; let the loop breathe so it serves everything else too.
                     self._sent_since_yield = 0
+                    self._serve_on_loop(producer)
                     await asyncio.sleep(0)
                 return future
             except BufferError:
@@ -191,8 +208,19 @@ class AsyncProducer:
         return await future
 
     async def flush(self, timeout: float = 30.0) -> int:
-        """Wait until queued records are delivered; returns how many are still queued after ``timeout``."""
-        return int(await self._call(lambda producer: producer.flush(timeout)))
+        """Wait until queued records are delivered; returns how many are still queued after ``timeout``.
+
+        The futures of the delivered records are resolved by the time it returns.
+        """
+
+        def flush(producer: Producer) -> int:
+            remaining = int(producer.flush(timeout))
+            self._dispatch()  # queued on the loop before flush's own result
+            return remaining
+
+        remaining = await self._call(flush)
+        self._resolve(everything=True)
+        return remaining
 
     async def _check_topic(self, topic: str) -> None:
         """Fail fast on a topic that does not exist (librdkafka would only time out, much later)."""
@@ -218,24 +246,42 @@ class AsyncProducer:
 
     # ---------------------------------------------------------------- delivery reports
 
-    def _delivered(self, future: asyncio.Future[Delivery], error: KafkaError | None, msg: Message) -> None:
-        # On the producer's thread, inside poll() or flush(): collect; _serve hands the batch to the loop.
-        self._completed.append((future, error, msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+    def _serve_on_loop(self, producer: Producer) -> None:
+        """Serve delivery reports on the loop, without waiting (``poll(0)``): their futures resolve at once."""
+        self._loop_served_at = time.monotonic()
+        if producer.poll(0):
+            self._room.set()
 
     def _dispatch(self) -> None:
         if self._completed:
             batch, self._completed = self._completed, []
             assert self._thread is not None
-            self._thread.call_on_loop(self._resolve, batch)
+            self._thread.call_on_loop(self._handed_over, batch)
 
-    def _resolve(self, batch: list[_Outcome]) -> None:
-        for future, error, topic, partition, offset in batch:
+    def _handed_over(self, batch: list[_Outcome]) -> None:
+        self._to_resolve.extend(batch)
+        if not self._resolve_scheduled:
+            self._resolve()
+
+    def _resolve(self, *, everything: bool = False) -> None:
+        """Resolve the futures of handed-over delivery reports, in order; ``everything`` or a slice at a time.
+
+        Each resolved future may wake a task: a slice per loop callback keeps the loop responsive, the rest follow
+        in the next ones. ``flush`` and ``stop`` resolve everything before they return.
+        """
+        self._resolve_scheduled = False
+        pending, make = self._to_resolve, _make_delivery
+        for _ in range(len(pending) if everything else min(len(pending), _RESOLVE_CHUNK)):
+            future, error, topic, partition, offset = pending.popleft()
             if future.done():
                 continue
             if error is None:
-                future.set_result(Delivery(topic, partition, offset))
+                future.set_result(make((topic, partition, offset)))
             else:
                 future.set_exception(translate(error, f"delivery to {topic!r}"))
+        if pending:
+            self._resolve_scheduled = True
+            asyncio.get_running_loop().call_soon(self._resolve)
         self._room.set()
 
     # ---------------------------------------------------------------- the producer's thread
@@ -255,6 +301,14 @@ class AsyncProducer:
         return producer
 
     def _serve(self, producer: Producer) -> None:
+        # confluent-kafka takes the GIL once per delivery report. While the loop runs Python code (sending),
+        # every one of those takes waits for the loop to let go of the GIL, up to the 5 ms switch interval:
+        # this thread would crawl and hold the loop back at each turn. So while the loop serves the reports
+        # itself (send() does, between records), this thread stands aside; it serves them when the loop is idle.
+        since = time.monotonic() - self._loop_served_at
+        if since < _LOOP_SERVES_FOR:
+            time.sleep(_LOOP_SERVES_FOR - since)
+            return
         producer.poll(self._poll_timeout)
         self._dispatch()
 
@@ -271,6 +325,27 @@ class AsyncProducer:
             log.error("%s: %s", self.name, self._fatal)
         else:
             self._quiet(error.str())
+
+
+def _delivered(
+    producer: AsyncProducer, future: asyncio.Future[Delivery], error: KafkaError | None, msg: Message
+) -> None:
+    # Inside poll() or flush(), on whichever thread called it. On the loop (poll(0) in send), resolve now;
+    # on the producer's thread, collect: _serve hands the batch to the loop. Nothing here may raise: an
+    # exception would surface from poll() in the middle of someone else's send().
+    topic = msg.topic() or ""
+    if threading.get_ident() != producer._loop_thread:
+        producer._completed.append((future, error, topic, msg.partition() or 0, msg.offset() or 0))
+    elif not future.done():
+        if error is None:
+            future.set_result(_make_delivery((topic, msg.partition() or 0, msg.offset() or 0)))
+        else:
+            future.set_exception(translate(error, f"delivery to {topic!r}"))
+
+
+def _make_delivery(where: tuple[str, int, int]) -> Delivery:
+    # tuple.__new__ skips the NamedTuple's Python-level __new__: one of these per record delivered.
+    return tuple.__new__(Delivery, where)
 
 
 class TransactionalProducer(AsyncProducer):
