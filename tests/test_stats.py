@@ -1,0 +1,189 @@
+"""``stats``: exact counts of what a DLQ holds, in every format, read from headers only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from typer.testing import CliRunner
+
+from kafka_dlq.cli import app
+from kafka_dlq.formats import Undecodable, decode
+from kafka_dlq.formats.spring import spring_headers
+from kafka_dlq.kafka.record import KafkaRecord
+from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
+from kafka_dlq.stats import collect_stats, summarize
+from tests.helpers import seed
+from tests.test_formats_decode import records as any_record
+from tests.test_handler import dead_letter
+
+T0 = 1_700_000_000_000
+KINDS = ("native", "spring", "spring-retry", "connect", "streams", "seed-json", "undecodable", "parked")
+TOPICS = ("orders", "payments", "emails")
+ERRORS = ("builtins.ConnectionError", "java.lang.IllegalStateException", "app.errors.PaymentDeclinedError")
+
+
+def mixed(i: int) -> tuple[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]], dict[str, str | None]]:
+    """Dead letter ``i`` of a mixed DLQ, and what stats must say about it (written independently of stats)."""
+    kind = KINDS[i % len(KINDS)]
+    topic = TOPICS[i % len(TOPICS)]
+    error = ERRORS[(i // 3) % len(ERRORS)]
+    key, value = f"k{i}".encode(), b"v"
+    expect: dict[str, str | None] = {"format": kind, "topic": topic, "error": error, "reason": None}
+    if kind == "native":
+        record = dead_letter(topic, key, value, error_class=error)
+    elif kind == "parked":
+        k, v, headers = dead_letter(topic, key, value, error_class=error)
+        reason = "max_attempts" if (i // len(KINDS)) % 2 else "manual"
+        record = (k, v, [*headers, ("dlq.reason", reason.encode())])
+        expect.update(format="native", reason=reason)
+    elif kind == "spring":
+        # Spring's own encodings: partition, offset and timestamp as big-endian binary integers.
+        letter = DeadLetter(
+            original=OriginalRecord(topic=topic, partition=i % 7, offset=i, timestamp=T0 + i),
+            failure=Failure(error_class=error, message="boom"),
+        )
+        record = (key, value, [("trace-id", b"abc"), *spring_headers(letter)])
+    elif kind == "spring-retry":
+        record = (
+            key,
+            value,
+            [
+                ("kafka_original-topic", topic.encode()),
+                ("kafka_original-partition", (i % 7).to_bytes(4, "big")),
+                ("kafka_original-offset", i.to_bytes(8, "big")),
+                ("kafka_exception-fqcn", b"org.springframework.kafka.listener.ListenerExecutionFailedException"),
+                ("kafka_exception-cause-fqcn", error.encode()),
+                ("retry_topic-attempts", (3).to_bytes(4, "big")),
+            ],
+        )
+    elif kind == "connect":
+        record = (
+            key,
+            value,
+            [
+                ("__connect.errors.topic", topic.encode()),
+                ("__connect.errors.partition", b"2"),
+                ("__connect.errors.offset", str(i).encode()),
+                ("__connect.errors.exception.class.name", error.encode()),
+                ("__connect.errors.exception.message", b"Converting byte[] to Kafka Connect data failed"),
+            ],
+        )
+    elif kind == "streams":
+        record = (
+            key,
+            value,
+            [("__streams.errors.topic", topic.encode()), ("__streams.errors.exception", b"%s: x" % error.encode())],
+        )
+    elif kind == "seed-json":
+        short = error.rsplit(".", 1)[-1]
+        envelope = {"original_topic": topic, "original_value": "v", "error": f"{short}: boom", "retry_count": 1}
+        record = (key, json.dumps(envelope).encode(), [])
+        expect["error"] = short
+    else:
+        record = (key, b"not a dead letter", [("content-type", b"text/plain")])
+        expect.update(format="unknown", topic=None, error=None)
+    return record, expect
+
+
+def expected_counts(n: int) -> dict[str, Counter[str]]:
+    counts: dict[str, Counter[str]] = {"topic": Counter(), "error": Counter(), "reason": Counter(), "format": Counter()}
+    for i in range(n):
+        _, expect = mixed(i)
+        for what, counter in counts.items():
+            value = expect[what]
+            if value is not None:
+                counter[value] += 1
+            elif what == "error":
+                counter["(none)"] += 1
+    return counts
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_record)
+def test_given_any_record_summarize_agrees_with_decode(record: KafkaRecord) -> None:
+    topic, error, reason, source, first, last = summarize(record)
+    decoded = decode(record)
+
+    assert source == decoded.source_format
+    if isinstance(decoded, DeadLetter):
+        assert (topic, error, first, last) == (
+            decoded.original.topic,
+            decoded.failure.error_class,
+            decoded.first_failure,
+            decoded.last_failure,
+        )
+        if decoded.reason is not None:
+            assert reason == decoded.reason.value
+    elif decoded.source_format is None:
+        assert isinstance(decoded, Undecodable) and topic is None
+
+
+async def test_stats_of_100k_mixed_dead_letters_count_exactly(kafka_bootstrap, new_topic):
+    total = 100_000
+    topic = await asyncio.to_thread(new_topic, 4, None, "mixed.dlq")
+    started = time.perf_counter()
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, (mixed(i)[0] for i in range(total)))
+    seeded = time.perf_counter() - started
+
+    stats = await collect_stats({"bootstrap.servers": kafka_bootstrap}, [topic])
+
+    print(f"\nstats of {total} mixed dead letters: {stats.seconds:.2f} s (seeding took {seeded:.1f} s)")
+    expected = expected_counts(total)
+    assert stats.records == total
+    assert sum(p.records for p in stats.partitions) == total
+    assert stats.undecodable == total // len(KINDS)
+    assert stats.by_original_topic == dict(expected["topic"])
+    assert stats.by_error_class == dict(expected["error"])
+    assert stats.by_reason == dict(expected["reason"])
+    assert stats.by_format == dict(expected["format"])
+    assert sum(group.records for group in stats.groups) == total
+
+
+async def test_stats_reports_failure_times_and_the_lag_of_a_group(kafka_bootstrap, new_topic, group_id):
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = await asyncio.to_thread(new_topic, 2)
+    letters = [dead_letter("orders", b"k", b"v", first_failure=T0 + i * 1000) for i in range(10)]
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, letters)
+
+    def commit_three() -> None:
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group_id})
+        consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        consumer.close()
+
+    await asyncio.to_thread(commit_three)
+
+    stats = await collect_stats({"bootstrap.servers": kafka_bootstrap}, [topic], group=group_id)
+
+    assert stats.oldest_failure == T0
+    assert stats.newest_failure is not None and stats.newest_failure > T0 + 9000  # last failure: now
+    lag = {p.partition: (p.committed, p.lag, p.high) for p in stats.partitions}
+    assert lag[0] == (3, lag[0][2] - 3, lag[0][2])
+    assert lag[1] == (None, lag[1][2], lag[1][2])  # never committed: all of it
+    assert stats.to_json()["lag"] == 10 - 3
+
+
+def test_stats_command_prints_one_json_document(kafka_bootstrap, new_topic):
+    topic = new_topic(1)
+    seed(kafka_bootstrap, topic, [mixed(i)[0] for i in range(len(KINDS))])
+
+    result = CliRunner().invoke(app, ["stats", topic, "--bootstrap", kafka_bootstrap, "--json"])
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["records"] == len(KINDS)
+    assert data["by_format"]["spring"] == 1
+    text = CliRunner().invoke(app, ["stats", topic], env={"KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap})
+    assert text.exit_code == 0, text.output
+    assert "8 record(s)" in text.stdout
+
+
+def test_stats_of_a_missing_topic_says_so(kafka_bootstrap):
+    result = CliRunner().invoke(app, ["stats", "no-such-topic-here", "--bootstrap", kafka_bootstrap])
+
+    assert result.exit_code == 1
+    assert "do not exist" in result.output
