@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Annotated, Any
@@ -161,5 +162,82 @@ def run_command(
     _emit(metrics, as_json, f"stopped: {metrics}")
 
 
+@app.command("bench")
+def bench_command(
+    name: Annotated[str, typer.Argument(help="Which benchmark, e.g. client; an unknown name lists the known ones.")],
+    records: Annotated[int, typer.Option(help="Records per case.")] = 100_000,
+    size: Annotated[int, typer.Option(help="Value size of each record, in bytes.")] = 1024,
+    partitions: Annotated[int, typer.Option(help="Partitions of each topic the benchmark creates.")] = 3,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap",
+            envvar="KAFKA_DLQ_BOOTSTRAP_SERVERS",
+            help="Kafka to measure against; without it, the local dev stack (started if need be).",
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis-url", envvar="KAFKA_DLQ_REDIS_URL", help="Redis, for benchmarks that use it."),
+    ] = None,
+    client_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--client-config",
+            "-X",
+            help="KEY=VALUE librdkafka setting for every measured client, ours and the baseline alike (repeatable).",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure a part of kafka-dlq on your cluster next to a plain baseline, in the same run; report the ratio.
+
+    Benchmarks create uniquely named topics and delete them afterwards.
+
+    Example: kafka-dlq bench client --records 200000 --json
+    """
+    from kafka_dlq.bench import BenchOptions, find_bench, render_table, run_bench
+    from kafka_dlq.errors import ConfigError
+
+    try:
+        find_bench(name)  # before anything starts: a typo should not bring up the dev stack
+        settings: dict[str, str] = {}
+        for item in client_config or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--client-config {item!r}: write KEY=VALUE, e.g. -X fetch.queue.backoff.ms=100")
+            settings[key.strip()] = value
+        options = BenchOptions(  # checks the figures before the dev stack comes up
+            bootstrap_servers=bootstrap or "",
+            redis_url=redis_url,
+            records=records,
+            size=size,
+            partitions=partitions,
+            client_config=settings,
+        )
+        if bootstrap is None:
+            from kafka_dlq.dev import dev_up
+
+            stack = dev_up()
+            options = dataclasses.replace(
+                options, bootstrap_servers=stack.bootstrap_servers, redis_url=redis_url or stack.redis_url
+            )
+        if as_json:  # stdout holds the one JSON document and nothing else
+            report = run_bench(name, options)
+        else:
+            with Console(stderr=True).status(f"bench {name}: starting") as status:
+                steps = dataclasses.replace(options, progress=lambda step: status.update(f"bench {name}: {step}"))
+                report = run_bench(name, steps)
+    except KafkaDLQError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _emit(report.to_json(), True, "")
+    else:
+        console.print(render_table(report))
+
+
 def main() -> None:
     app()
+
+
+from kafka_dlq import cli_inspect, cli_redrive  # noqa: E402,F401  registers their commands

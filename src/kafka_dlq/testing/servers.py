@@ -476,7 +476,9 @@ class KafkaServer(_Server):
         return self
 
     def _format(self, java: str, libs: Path, config: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # the storage tool would read a leading "-" as an option
+            cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
         argv = self._java(
             java, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), heap="256m"
         )
