@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kafka_dlq import policy as policy_module
 from kafka_dlq.errors import ConfigError
-from kafka_dlq.policy import Backoff, Jitter, RetryPolicy, TopicPolicies, resolve_delay
+from kafka_dlq.policy import _ATTEMPT_CEILING, Backoff, Jitter, RetryPolicy, TopicPolicies, resolve_delay
 
 HUGE_ATTEMPTS = [10**6, 10**9, 2**63, 10**100]
 
@@ -353,9 +353,14 @@ def test_without_jitter_delays_never_decrease(policy, attempt):
 @given(policy=policies(jitter=st.just(Jitter.NONE)), attempt=st.integers(min_value=1, max_value=10**30))
 def test_without_jitter_exponential_and_linear_reach_the_cap_and_stay(policy, attempt):
     big = policy.next_delay(10**18)
-    if policy.backoff in (Backoff.EXPONENTIAL, Backoff.LINEAR) and (
-        policy.backoff is Backoff.LINEAR or policy.multiplier > 1
-    ):
+    # Attempts are clamped (at _ATTEMPT_CEILING), so a multiplier a hair above 1 may never reach the cap.
+    reachable = policy.backoff is Backoff.LINEAR or (
+        policy.backoff is Backoff.EXPONENTIAL
+        and policy.multiplier > 1
+        and (_ATTEMPT_CEILING - 1) * math.log(policy.multiplier)
+        >= math.log(policy.max_delay) - math.log(policy.initial_delay)
+    )
+    if policy.backoff in (Backoff.EXPONENTIAL, Backoff.LINEAR) and reachable:
         assert big == policy.max_delay
     assert policy.next_delay(attempt) <= big
 
