@@ -25,7 +25,7 @@ from confluent_kafka import (
 
 from kafka_dlq.errors import ClientClosedError, ConfigError, KafkaClientError, TopicNotFoundError
 from kafka_dlq.kafka._thread import ClientState, ClientThread, QuietErrors, librdkafka_log, translate
-from kafka_dlq.kafka.offsets import PartitionOffsets
+from kafka_dlq.kafka.offsets import PartitionOffsets, decode_done
 from kafka_dlq.kafka.record import KafkaRecord, record_from_wire
 
 R = TypeVar("R")
@@ -261,7 +261,9 @@ class AsyncConsumer:
         offsets = offsets_of.get((key[0], key[1]))
         if offsets is None or offsets.generation != key[2]:
             return False  # a record of an assignment that is gone: its partition is no longer ours
-        return offsets.done_many(run)
+        moved = offsets.done_many(run)
+        # Done records above a gap change the commit too: its metadata names them (see offsets.encode_done).
+        return moved or bool(offsets.watermark is None or run[-1] > offsets.watermark)
 
     async def commit(self) -> list[TopicPartition]:
         """Commit the done watermarks now (synchronously on the consumer's thread); returns what was committed."""
@@ -298,6 +300,7 @@ class AsyncConsumer:
         last: TP | None = None
         offsets: PartitionOffsets | None = None
         run: list[int] = []  # offsets of the current run of one partition's records: tracked in one call
+        skipped: list[tuple[PartitionOffsets, int]] = []
         generation = 0
         for msg in messages:
             error = msg.error()
@@ -318,6 +321,11 @@ class AsyncConsumer:
             if offsets is None:
                 continue  # a late record of a partition we no longer own
             run.append(offset)
+            if offsets.skip and offset in offsets.skip:
+                # Finished by a previous owner, out of order (the committed metadata says so): done, not again.
+                offsets.skip.discard(offset)
+                skipped.append((offsets, offset))
+                continue
             ts_type, ts = msg.timestamp()
             headers = msg.headers()
             append(
@@ -334,6 +342,8 @@ class AsyncConsumer:
             )
         if offsets is not None and run:
             offsets.delivered_many(run)
+        for owner, offset in skipped:
+            owner.done(offset)
         if self._buffer:
             self._arrived.set()
 
@@ -469,8 +479,9 @@ class AsyncConsumer:
         out = []
         for tp in partitions:
             offsets = self._tracked.get(tp)
-            if offsets is not None and offsets.watermark is not None:
-                out.append(TopicPartition(tp[0], tp[1], offsets.watermark))
+            point = None if offsets is None else offsets.commit_point()
+            if point is not None:
+                out.append(TopicPartition(tp[0], tp[1], point[0], metadata=point[1]))
         return out
 
     def _commit_async(self, consumer: Consumer) -> None:
@@ -496,12 +507,30 @@ class AsyncConsumer:
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
         assigned = {}
+        done_before = self._done_before(consumer, partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            assigned[key] = self._tracked[key] = PartitionOffsets(self._generation)
+            assigned[key] = self._tracked[key] = PartitionOffsets(self._generation, done_before.get(key))
             self._paused.discard(key)
         assert self._thread is not None
         self._thread.call_on_loop(self._on_partitions, assigned, [])
+
+    def _done_before(self, consumer: Consumer, partitions: list[TopicPartition]) -> dict[TP, set[int]]:
+        """Per partition, the offsets above the committed one that the previous owner had finished."""
+        if self.commit_mode is not CommitMode.TRACKED or not partitions:
+            return {}
+        try:
+            committed = consumer.committed(partitions, timeout=self._connect_timeout)
+        except KafkaException as exc:  # only an optimisation: without it those records are read again
+            log.warning("consumer %s: could not read committed offsets at assignment: %s", self.group_id, exc)
+            return {}
+        out = {}
+        for tp in committed:
+            if tp.offset >= 0 and tp.metadata:
+                done = decode_done(tp.offset, tp.metadata)
+                if done:
+                    out[(tp.topic, tp.partition)] = done
+        return out
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Before the partitions go: let in-progress records finish (bounded), then commit what is done."""
