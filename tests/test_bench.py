@@ -69,7 +69,7 @@ def test_an_unknown_bench_name_fails_with_one_line_naming_the_known_ones(kafka_b
     assert "client" in lines[0]
 
 
-@pytest.mark.parametrize(("name", "cases"), [("handler", {"recover", "fail-once"})])
+@pytest.mark.parametrize(("name", "cases"), [("handler", {"recover", "fail-once"}), ("consumer", {"ok", "1pct-fail"})])
 def test_bench_handler_json_has_the_documented_fields(kafka_bootstrap, redis_url, name, cases):
     result = _bench(name, "--records", "500", "--bootstrap", kafka_bootstrap, "--redis-url", redis_url, "--json")
 

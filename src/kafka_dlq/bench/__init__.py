@@ -108,6 +108,10 @@ BENCHES: dict[str, BenchSpec] = {
         "the DLQ handler pipeline (consume, schedule, process, recover) against the plain one-at-a-time loop it "
         "replaces",
     ),
+    "consumer": BenchSpec(
+        "kafka_dlq.bench.consumer",
+        "the retrying consumer with a no-op handler (and with 1% failing) against a bare confluent-kafka consume loop",
+    ),
     "redrive": BenchSpec(
         "kafka_dlq.bench.redrive",
         "operator redrive, exactly once and at least once, against a bare confluent-kafka copy loop and kcat",
