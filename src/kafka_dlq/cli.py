@@ -138,7 +138,13 @@ def run_command(
         str | None,
         typer.Option("--config", "-c", envvar="KAFKA_DLQ_CONFIG", help="TOML file; KAFKA_DLQ_* variables override it."),
     ] = None,
-    http_port: Annotated[int | None, typer.Option(help="Serve /metrics, /healthz and /readyz on this port.")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve /metrics, /healthz, /readyz and the ops API (/api/*, /openapi.json) on this port; "
+            "its token comes from KAFKA_DLQ_HTTP_TOKEN (or http_token in the file)."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run the DLQ handler service until SIGTERM or SIGINT, then stop gracefully.

@@ -6,7 +6,8 @@ Every error names the key and says how to fix it. Example file::
     topics = ["payments.dlq"]
     bootstrap_servers = "127.0.0.1:19092"      # or KAFKA_DLQ_BOOTSTRAP_SERVERS
     redis_url = "redis://127.0.0.1:16379/0"    # or KAFKA_DLQ_REDIS_URL
-    http_port = 9400                           # /metrics, /healthz, /readyz; 0 or absent: off
+    http_port = 9400                           # /metrics, /healthz, /readyz, the ops API; 0 or absent: off
+    http_token = "..."                         # or KAFKA_DLQ_HTTP_TOKEN: guards the ops API, turns real redrives on
 
     [processors]
     payments = "billing.recovery:charge"       # module:function, async or sync
@@ -65,6 +66,7 @@ _TOP = {
     "max_record_bytes": int,
     "http_port": int,
     "http_host": str,
+    "http_token": str,
     "processors": dict,
     "republish_to": dict,
     "policy": dict,
@@ -81,6 +83,7 @@ _ENV = {
     "KAFKA_DLQ_POISON_TOPIC": "poison_topic",
     "KAFKA_DLQ_MODE": "mode",
     "KAFKA_DLQ_HTTP_PORT": "http_port",
+    "KAFKA_DLQ_HTTP_TOKEN": "http_token",
 }
 _REQUIRED = ("name", "topics", "bootstrap_servers", "redis_url")
 
@@ -92,6 +95,8 @@ class RunConfig:
     handler: dict[str, Any]
     http_port: int | None = None
     http_host: str = "127.0.0.1"
+    http_token: str | None = field(default=None, repr=False)
+    """The ops API's bearer token (kept out of the repr, so out of logs); None: real redrives are off."""
     source: str = "<defaults>"
     processors: dict[str, str] = field(default_factory=dict)
 
@@ -240,10 +245,19 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
         raise ConfigError(f"config key 'breaker': {exc}: use failure_threshold and open_seconds") from None
     handler["kafka_config"] = dict(data.get("kafka", {}))
     port = data.get("http_port")
+    token = data.get("http_token") or None
+    if token is not None:
+        from kafka_dlq.web.api import check_token
+
+        try:
+            check_token(token)
+        except ConfigError as exc:
+            raise ConfigError(f"config key 'http_token' (or KAFKA_DLQ_HTTP_TOKEN): {exc}") from None
     return RunConfig(
         handler=handler,
         http_port=port if port else None,
         http_host=data.get("http_host", "127.0.0.1"),
+        http_token=token,
         source=source,
         processors={str(k): str(v) for k, v in data.get("processors", {}).items()},
     )

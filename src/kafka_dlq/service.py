@@ -33,9 +33,14 @@ async def run_service(config: RunConfig, stop: asyncio.Event, *, stop_timeout: f
         if config.http_port:
             from kafka_dlq.web.app import create_app, serve
 
-            http = asyncio.create_task(
-                serve(create_app(handler), host=config.http_host, port=config.http_port, stop=stop)
-            )
+            if config.http_token is None and config.http_host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning(
+                    "ops API on %s without a token: stats, peek and dry runs are open to whoever reaches the port "
+                    "(real redrives are off); set http_token or KAFKA_DLQ_HTTP_TOKEN",
+                    config.http_host,
+                )
+            app = create_app(handler, token=config.http_token)
+            http = asyncio.create_task(serve(app, host=config.http_host, port=config.http_port, stop=stop))
         await stop.wait()
     finally:
         await handler.stop(stop_timeout)
