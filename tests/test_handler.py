@@ -336,7 +336,7 @@ async def test_two_instances_share_the_work_and_never_run_one_record_at_once(
     assert by_instance["a"] > 0 and by_instance["b"] > 0
 
 
-async def test_under_load_the_loop_never_stalls(kafka_bootstrap, redis_url, unique_name, dlq):
+async def test_under_load_the_loop_never_stalls(kafka_bootstrap, redis_url, unique_name, dlq, frozen_heap):
     topic = await asyncio.to_thread(dlq, 2)
     total = 5000
     await asyncio.to_thread(

@@ -52,7 +52,7 @@ async def test_records_round_trip_with_key_value_and_headers(kafka_bootstrap, to
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, topic, 1) == {0: 5}
 
 
-async def test_under_full_load_the_loop_never_stalls(kafka_bootstrap, new_topic, group_id):
+async def test_under_full_load_the_loop_never_stalls(kafka_bootstrap, new_topic, group_id, frozen_heap):
     source, copy = await asyncio.to_thread(new_topic, 3), await asyncio.to_thread(new_topic, 3)
     total = 30_000
     payload = b"x" * 1000
