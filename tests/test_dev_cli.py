@@ -7,10 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from kafka_dlq.cli import _fail
+from kafka_dlq.errors import ServerError
 from kafka_dlq.testing import free_port
+from kafka_dlq.testing.servers import pid_alive
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -52,6 +56,8 @@ def test_dev_up_status_down_round_trip(dev_env):
     status = _cli("dev", "status", "--json", env=dev_env)
     assert status.returncode == 1
     assert json.loads(status.stdout)["running"] is False
+    assert not pid_alive(started["kafka"]["pid"])
+    assert not pid_alive(started["redis"]["pid"])
 
 
 def test_dev_up_on_a_taken_port_fails_with_one_clear_line(dev_env):
@@ -66,3 +72,61 @@ def test_dev_up_on_a_taken_port_fails_with_one_clear_line(dev_env):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert f"127.0.0.1:{port} is already in use" in lines[0]
+
+
+def test_a_stale_state_file_leaves_the_process_that_now_has_its_pid_alone(dev_env):
+    # Given: the state file of a stack that is gone (a reboot), whose pids now belong to an unrelated program
+    # that, like our servers, leads its own process group.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        folder = Path(dev_env["KAFKA_DLQ_DEV_DIR"])
+        folder.mkdir(parents=True)
+        stale = {
+            "kafka_pid": bystander.pid,
+            "kafka_port": free_port(),
+            "kafka_controller_port": free_port(),
+            "kafka_version": "4.4.0",
+            "redis_pid": bystander.pid,
+            "redis_port": free_port(),
+            "redis_version": "7.0.15",
+            "folder": str(folder),
+        }
+        (folder / "state.json").write_text(json.dumps(stale))
+
+        # When / then: status says the state is stale, and down forgets it without signalling the bystander.
+        status = _cli("dev", "status", "--json", env=dev_env)
+        assert status.returncode == 1
+        reported = json.loads(status.stdout)
+        assert reported["running"] is False
+        assert reported["stale"] is True
+        assert "stale" in _cli("dev", "status", env=dev_env).stdout
+
+        down = _cli("dev", "down", "--json", env=dev_env)
+        assert down.returncode == 0, down.stderr
+        assert bystander.poll() is None
+        assert not (folder / "state.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_zombie_is_not_alive():
+    child = subprocess.Popen(["true"])
+    try:
+        # Not reaped yet: the kernel keeps the exited child as a zombie until we wait for it.
+        stat = Path(f"/proc/{child.pid}/stat")
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+            os.sched_yield()
+
+        assert pid_alive(child.pid) is False
+    finally:
+        child.wait()
+    assert pid_alive(child.pid) is False
+
+
+@pytest.mark.parametrize("message", ["process.roles=[broker, controller] is wrong", "cannot write to [/tmp]"])
+def test_an_error_prints_as_written_even_with_brackets(capsys, message):
+    exit_ = _fail(ServerError(message))
+
+    assert exit_.exit_code == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kafka_dlq.errors import KafkaDLQError
 
@@ -36,7 +37,8 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
 
 def _fail(exc: KafkaDLQError) -> typer.Exit:
     # One clear line: what is wrong and what to do (the exception's message says both).
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=True, highlight=False)
+    # The message is text, not markup: "[broker, controller]" or "[/tmp]" in it must print as written.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
     return typer.Exit(1)
 
 
@@ -98,14 +100,26 @@ def _status_text(status: dict[str, Any]) -> str:
     if status["kafka"] is None:
         return "dev stack: not running (start it with `kafka-dlq dev up`)"
     kafka, redis = status["kafka"], status["redis"]
-    state = "running" if status["running"] else "[red]not healthy[/]"
+    if status["running"]:
+        state = "running"
+    elif status["stale"]:
+        state = (
+            "[red]stale[/]: its servers are gone (their pids may be other programs' now, left alone); "
+            "`kafka-dlq dev up` starts new ones"
+        )
+    else:
+        state = "[red]not healthy[/]"
+
+    def health(server: dict[str, Any]) -> str:
+        return "up" if server["up"] else "stale" if server["stale"] else "down"
+
     return "\n".join(
         [
             f"dev stack: {state}",
-            f"  Kafka {kafka['version']}: {kafka['bootstrap_servers']} ({'up' if kafka['up'] else 'down'}; "
-            f"log {kafka['log']})",
-            f"  Redis {redis['version']}: {redis['url']} ({'up' if redis['up'] else 'down'}; log {redis['log']})",
-            *(f"  export {k}={v}" for k, v in status["settings"].items()),
+            f"  Kafka {escape(kafka['version'])}: {kafka['bootstrap_servers']} ({health(kafka)}; "
+            f"log {escape(kafka['log'])})",
+            f"  Redis {escape(redis['version'])}: {escape(redis['url'])} ({health(redis)}; log {escape(redis['log'])})",
+            *(f"  export {k}={escape(str(v))}" for k, v in status["settings"].items()),
         ]
     )
 

@@ -19,7 +19,7 @@ from kafka_dlq.testing.servers import (
     KafkaServer,
     RedisServer,
     cache_dir,
-    pid_alive,
+    command_line,
     redis_pings,
     terminate,
 )
@@ -75,17 +75,41 @@ def _load() -> DevStack | None:
         return None
 
 
+def _kafka_is_ours(stack: DevStack) -> bool:
+    # The pid must still be the broker this stack started: Kafka's main class, on this stack's config file.
+    line = command_line(stack.kafka_pid)
+    config = str(Path(stack.folder) / "kafka" / "server.properties")
+    return line is not None and "kafka.Kafka" in line and config in line
+
+
+def _redis_is_ours(stack: DevStack) -> bool:
+    # redis-server renames itself "redis-server 127.0.0.1:PORT" once it runs; before that its argv has --port.
+    line = command_line(stack.redis_pid)
+    return (
+        line is not None
+        and "redis-server" in line
+        and (f"127.0.0.1:{stack.redis_port}" in line or f"--port {stack.redis_port}" in line)
+    )
+
+
 def dev_status() -> dict[str, Any]:
-    """Whether the dev stack runs, with its connection settings; never raises."""
+    """Whether the dev stack runs, with its connection settings; never raises.
+
+    ``stale`` is true when the state file names servers that are gone (a reboot, a crash): their pids may belong to
+    other programs by now, which ``down`` leaves alone.
+    """
     stack = _load()
     if stack is None:
-        return {"running": False, "kafka": None, "redis": None}
-    kafka_up = pid_alive(stack.kafka_pid) and broker_answers(stack.bootstrap_servers, timeout=2.0)
-    redis_up = pid_alive(stack.redis_pid) and redis_pings(stack.redis_port)
+        return {"running": False, "stale": False, "kafka": None, "redis": None}
+    kafka_ours, redis_ours = _kafka_is_ours(stack), _redis_is_ours(stack)
+    kafka_up = kafka_ours and broker_answers(stack.bootstrap_servers, timeout=2.0)
+    redis_up = redis_ours and redis_pings(stack.redis_port)
     return {
         "running": kafka_up and redis_up,
+        "stale": not kafka_ours and not redis_ours,
         "kafka": {
             "up": kafka_up,
+            "stale": not kafka_ours,
             "version": stack.kafka_version,
             "bootstrap_servers": stack.bootstrap_servers,
             "pid": stack.kafka_pid,
@@ -93,6 +117,7 @@ def dev_status() -> dict[str, Any]:
         },
         "redis": {
             "up": redis_up,
+            "stale": not redis_ours,
             "version": stack.redis_version,
             "url": stack.redis_url,
             "pid": stack.redis_pid,
@@ -144,9 +169,11 @@ def dev_down(*, purge: bool = False) -> bool:
     """Stop the dev stack; ``purge`` also deletes its data. False when nothing was running."""
     stack = _load()
     if stack is not None:
-        for pid in (stack.kafka_pid, stack.redis_pid):
-            if pid_alive(pid):
-                terminate(pid)
+        # Only a pid that is still the server we started gets signalled (its whole process group, at that).
+        if _kafka_is_ours(stack):
+            terminate(stack.kafka_pid)
+        if _redis_is_ours(stack):
+            terminate(stack.redis_pid)
         _state_file().unlink(missing_ok=True)
     if purge:
         shutil.rmtree(_folder(), ignore_errors=True)

@@ -30,6 +30,7 @@ __all__ = [
     "KafkaServer",
     "RedisServer",
     "cache_dir",
+    "command_line",
     "ensure_kafka_libs",
     "free_port",
     "pid_alive",
@@ -135,13 +136,36 @@ def ensure_kafka_libs(version: str = KAFKA_VERSION) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists and has not exited: a zombie (exited, not yet reaped) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False  # gone between the two looks
+    except OSError:
+        return True  # no /proc here: the signal test is all there is
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+
+
+def command_line(pid: int) -> str | None:
+    """Process ``pid``'s command line (arguments joined by spaces), or None when it is not alive or unreadable.
+
+    A pid in a state file can outlive its process (a reboot, a crash) and be given to another program: check this
+    before signalling a pid that is not a child of ours.
+    """
+    if not pid_alive(pid):
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
 
 
 def terminate(pid: int, timeout: float = _STOP_TIMEOUT, *, wait: Callable[[float], object] | None = None) -> None:
