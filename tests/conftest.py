@@ -35,17 +35,23 @@ def _kafka_rules() -> dict[str, BlockBusterFunction]:
     rules: dict[str, tuple[type, str, Callable[..., bool]]] = {
         "Consumer.poll": (consumer, "poll", _zero_timeout(1)),
         "Consumer.consume": (consumer, "consume", _zero_timeout(2)),
-        "Consumer.commit": (
-            consumer,
-            "commit",
-            lambda *a, **k: k.get("asynchronous", True) is True,
-        ),
+        # commit(message=None, offsets=None, asynchronous=True): by keyword or by position.
+        "Consumer.commit": (consumer, "commit", lambda *a, **k: _arg(a, k, 3, "asynchronous", True) is True),
         "Consumer.committed": (consumer, "committed", _zero_timeout(2)),
+        "Consumer.offsets_for_times": (consumer, "offsets_for_times", _zero_timeout(2)),
+        # get_watermark_offsets(partition, timeout=None, cached=False) asks the broker unless cached.
+        "Consumer.get_watermark_offsets": (
+            consumer,
+            "get_watermark_offsets",
+            lambda *a, **k: _arg(a, k, 3, "cached", False) is True,
+        ),
         "Consumer.list_topics": (consumer, "list_topics", _zero_timeout(2)),
         "Consumer.close": (consumer, "close", never),
         "Producer.poll": (producer, "poll", _zero_timeout(1)),
         "Producer.flush": (producer, "flush", _zero_timeout(1)),
         "Producer.list_topics": (producer, "list_topics", _zero_timeout(2)),
+        # purge(in_queue=True, in_flight=True, blocking=True) waits for in-flight requests unless blocking=False.
+        "Producer.purge": (producer, "purge", lambda *a, **k: _arg(a, k, 3, "blocking", True) is False),
         "Producer.init_transactions": (producer, "init_transactions", never),
         "Producer.begin_transaction": (producer, "begin_transaction", never),
         "Producer.send_offsets_to_transaction": (producer, "send_offsets_to_transaction", never),

@@ -163,6 +163,23 @@ class AsyncConsumer:
             await asyncio.shield(self._thread.finished)
             raise
         self.state = ClientState.RUNNING
+        self._thread.finished.add_done_callback(self._thread_finished)
+
+    def _thread_finished(self, finished: asyncio.Future[None]) -> None:
+        """The consumer's thread ended. Asked to (stop): nothing to do. On its own (a fatal error, a bug): the
+        consumer is closed, and the application hears it from ``getmany`` instead of waiting for records forever."""
+        if self.state in (ClientState.STOPPING, ClientState.CLOSED):
+            return
+        error = None if finished.cancelled() else finished.exception()
+        self.state = ClientState.CLOSED
+        if isinstance(error, KafkaClientError | ConfigError):
+            self._error = error
+        else:
+            self._error = KafkaClientError(
+                f"consumer {self.group_id}: its thread stopped unexpectedly ({error!r}); create a new consumer",
+                fatal=True,
+            )
+        self._arrived.set()
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Commit what is done and leave the group, within ``timeout`` seconds; never blocks the loop."""
@@ -199,7 +216,9 @@ class AsyncConsumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout)
         if self._error is not None:
-            error, self._error = self._error, None
+            error = self._error
+            if not (isinstance(error, KafkaClientError) and error.fatal):
+                self._error = None  # a fatal error stays: the consumer is unusable, every later call says so
             raise error
         if self.state is ClientState.CLOSED and not self._buffer:
             raise ClientClosedError("the consumer is stopped")

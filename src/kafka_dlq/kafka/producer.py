@@ -70,6 +70,12 @@ class AsyncProducer:
             raise ConfigError("producer setting 'bootstrap.servers' is missing: name the brokers")
         if "on_delivery" in config or "error_cb" in config:
             raise ConfigError("producer settings 'on_delivery' and 'error_cb' are managed by kafka-dlq: remove them")
+        weaker = _weaker_durability(config)
+        if weaker:
+            raise ConfigError(
+                f"producer setting {weaker} would let a record be acknowledged before it is safe: kafka-dlq always "
+                "produces with acks=all and enable.idempotence=true; remove the setting"
+            )
         self._config = {**_DEFAULTS, **config}
         self.name = name
         self._poll_timeout = poll_timeout
@@ -111,6 +117,24 @@ class AsyncProducer:
             await asyncio.shield(self._thread.finished)
             raise
         self.state = ClientState.RUNNING
+        self._thread.finished.add_done_callback(self._thread_finished)
+
+    def _thread_finished(self, finished: asyncio.Future[None]) -> None:
+        """The producer's thread ended on its own (a fatal error, a bug): closed, and every later send says so."""
+        if self.state in (ClientState.STOPPING, ClientState.CLOSED):
+            return
+        error = None if finished.cancelled() else finished.exception()
+        self.state = ClientState.CLOSED
+        self._producer = None
+        if self._fatal is None:
+            self._fatal = (
+                error
+                if isinstance(error, KafkaClientError | ConfigError)
+                else KafkaClientError(
+                    f"{self.name}: its thread stopped unexpectedly ({error!r}); create a new producer", fatal=True
+                )
+            )
+        self._resolve(everything=True)
 
     async def _after_start(self) -> None:
         """Extra start-up work on the thread (transactions)."""
@@ -159,10 +183,10 @@ class AsyncProducer:
     ) -> asyncio.Future[Delivery]:
         """Queue a record; returns its delivery future. Waits (without blocking) while the local queue is full."""
         producer = self._producer
+        if self._fatal is not None:  # first: a producer closed by a fatal error says why
+            raise self._fatal
         if self.state is not ClientState.RUNNING or producer is None:
             raise ClientClosedError(f"the producer is {self.state.value}")
-        if self._fatal is not None:
-            raise self._fatal
         if topic not in self._known_topics:
             await self._check_topic(topic)
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
@@ -341,6 +365,17 @@ def _delivered(
             future.set_result(_make_delivery((topic, msg.partition() or 0, msg.offset() or 0)))
         else:
             future.set_exception(translate(error, f"delivery to {topic!r}"))
+
+
+def _weaker_durability(config: Mapping[str, Any]) -> str | None:
+    """The setting, if any, that weakens ``acks=all`` + idempotence (what every write of kafka-dlq relies on)."""
+    acks = config.get("acks", config.get("request.required.acks", "all"))
+    if str(acks).strip().lower() not in ("all", "-1"):
+        return f"acks={acks!r}"
+    idempotence = config.get("enable.idempotence", True)
+    if str(idempotence).strip().lower() in ("false", "0"):
+        return f"enable.idempotence={idempotence!r}"
+    return None
 
 
 def _make_delivery(where: tuple[str, int, int]) -> Delivery:
