@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from datetime import timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -80,6 +81,34 @@ def test_given_a_corrupt_redrive_count_on_a_spring_record_when_decoded_then_it_i
     assert result.source_format is SourceFormat.SPRING
 
 
+@pytest.mark.parametrize(
+    "time",
+    ["9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59.5-00:01", "9999-12-31T23:00:00-01:00"],
+)
+def test_given_an_iso_time_after_9999_through_its_offset_when_decoded_then_it_is_undecodable(time):
+    # ISO text goes through the same upper bound as epoch numbers: a time the native format cannot carry would
+    # decode here and then fail when the dead letter is written back.
+    retry_topic = record(("kafka_original-topic", b"orders"), ("retry_topic-original-timestamp", time.encode()))
+    envelope = record(value=json.dumps({"original_topic": "orders", "first_failure_time": time}).encode())
+
+    for result in (decode(retry_topic), decode(envelope)):
+        assert isinstance(result, Undecodable), result
+        assert "not a plausible time (after 9999-12-31Z)" in result.reason
+
+
+def test_given_the_last_iso_time_native_headers_carry_when_decoded_then_it_round_trips():
+    dead_letter = decode(
+        record(
+            value=json.dumps({"original_topic": "orders", "first_failure_time": "9999-12-31T23:59:59.999Z"}).encode()
+        )
+    )
+
+    assert isinstance(dead_letter, DeadLetter)
+    assert dead_letter.first_failure == 253_402_300_799_999
+    again = decode(record(*encode_native(dead_letter).headers, value=dead_letter.original.value))
+    assert isinstance(again, DeadLetter) and again.first_failure == dead_letter.first_failure
+
+
 def test_given_unknown_headers_and_a_binary_value_when_decoded_then_the_format_is_unknown():
     result = decode(record(("x-custom", b"1"), value=b"\x00\x01\x02"))
 
@@ -120,7 +149,27 @@ names = st.one_of(
     st.text(max_size=12),
 )
 longs = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+# ISO-8601 times anywhere in datetime's range, with any offset Python allows (up to 23:59 either way): at the ends
+# of the range an offset moves the moment past 9999-12-31Z or before 1970, which no epoch header can carry.
+EXTREME_ISO_TIMES = [
+    "9999-12-31T23:59:59-23:59",
+    "9999-12-31T23:59:59.999+00:00",
+    "9999-12-31T23:59:59.999999+00:00",
+    "9999-12-31T00:00:01-00:01",
+    "1970-01-01T00:00:00+00:01",
+    "1970-01-01T00:00:00-23:59",
+    "0001-01-01T00:00:00+23:59",
+]
+iso_times = st.one_of(
+    st.sampled_from(EXTREME_ISO_TIMES),
+    st.builds(
+        lambda moment, minutes: moment.replace(tzinfo=timezone(timedelta(minutes=minutes))).isoformat(),
+        st.datetimes(),
+        st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1),
+    ),
+)
 header_values = st.one_of(
+    iso_times.map(str.encode),
     st.none(),
     st.binary(max_size=24),
     longs.map(lambda n: str(n).encode()),
@@ -130,7 +179,7 @@ header_values = st.one_of(
     st.sampled_from([b"", b"-1", b"0", b"1000001", b"max_attempts", b"2023-11-14T22:13:20Z", b"\xff"]),
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16) | iso_times,
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )

@@ -203,6 +203,10 @@ def _iso_ms(what: str, text: str) -> int:
     millis = (moment - _EPOCH) // timedelta(milliseconds=1)
     if millis < 0:
         raise FormatError(f"{what} is before 1970: {show(text)}")
+    # The same upper bound as epoch numbers: "9999-12-31T23:59:59-23:59" is a valid ISO-8601 text for a moment
+    # after 9999-12-31Z, which no epoch header can carry, so the dead letter could not be written back natively.
+    if millis > MAX_EPOCH_MS:
+        raise FormatError(f"{what} is not a plausible time (after 9999-12-31Z): {show(text)}")
     return millis
 
 
