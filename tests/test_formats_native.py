@@ -304,12 +304,34 @@ def test_given_spring_compatible_when_encoded_then_the_kafka_dlt_headers_are_spr
         "kafka_dlt-original-partition": struct.pack(">i", 3),
         "kafka_dlt-original-offset": struct.pack(">q", 1234),
         "kafka_dlt-original-timestamp": struct.pack(">q", 1700000000000),
+        # record.timestampType().toString(): the recoverer always writes it.
+        "kafka_dlt-original-timestamp-type": b"CreateTime",
         "kafka_dlt-original-consumer-group": b"billing",
         "kafka_dlt-exception-fqcn": b"builtins.ValueError",
         "kafka_dlt-exception-cause-fqcn": b"builtins.ValueError",
         "kafka_dlt-exception-message": b"bad total",
         "kafka_dlt-exception-stacktrace": b"Traceback ...\nValueError",
     }
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "extra", "written"),
+    [
+        (1700000000000, {}, b"CreateTime"),
+        (None, {}, b"NoTimestampType"),
+        (1700000000000, {"timestamp_type": "LogAppendTime"}, b"LogAppendTime"),  # as Spring told us
+        (1700000000000, {"timestamp_type": "Yesterday"}, b"CreateTime"),  # not a TimestampType name
+    ],
+)
+def test_given_spring_compatible_when_encoded_then_the_timestamp_type_is_a_kafka_timestamp_type_name(
+    timestamp, extra, written
+):
+    dead_letter = a_dead_letter(original=OriginalRecord(topic="orders", timestamp=timestamp), extra=extra)
+
+    headers = encode_native(dead_letter, spring_compatible=True).headers
+
+    assert dict(headers)["kafka_dlt-original-timestamp-type"] == written
+    assert [name for name, _ in headers].count("kafka_dlt-original-timestamp-type") == 1
 
 
 def test_given_a_spring_compatible_dead_letter_when_only_its_kafka_dlt_headers_are_read_then_they_tell_the_same_story():

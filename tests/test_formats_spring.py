@@ -195,6 +195,13 @@ def test_given_spring_2_7s_one_byte_attempts_when_decoded_then_it_is_read():
     assert decoded(record).attempts == 2
 
 
+def test_given_a_one_byte_attempts_count_above_127_when_decoded_then_it_is_read_unsigned_as_spring_does():
+    # DeadLetterPublishingRecovererFactory.getAttempts: Byte.toUnsignedInt(value[0]) for a 1-byte header.
+    record = spring_record((("kafka_original-topic", b"orders"), ("retry_topic-attempts", b"\xc8")))
+
+    assert decoded(record).attempts == 199
+
+
 def test_given_no_original_timestamp_header_when_decoded_then_retry_topics_own_original_timestamp_is_used():
     headers = (("kafka_original-topic", b"orders"), ("retry_topic-original-timestamp", big_integer(1700000000123)))
 
@@ -244,7 +251,20 @@ def test_given_an_original_timestamp_written_as_text_when_decoded_then_it_is_rea
         ),
         (
             (("kafka_original-topic", b"orders"), ("retry_topic-attempts", b"\x00\x00\x00\x00\x04")),
-            "header retry_topic-attempts is not a big-endian integer of 1 to 4 bytes: 5 bytes",
+            "header retry_topic-attempts is not a big-endian integer of 1 or 4 bytes: 5 bytes",
+        ),
+        # getAttempts reads 1 or 4 bytes only: 2 and 3 bytes are no size Spring writes or reads.
+        (
+            (("kafka_original-topic", b"orders"), ("retry_topic-attempts", b"\x00\x04")),
+            "header retry_topic-attempts is not a big-endian integer of 1 or 4 bytes: 2 bytes",
+        ),
+        (
+            (("kafka_original-topic", b"orders"), ("retry_topic-attempts", b"\x00\x00\x04")),
+            "header retry_topic-attempts is not a big-endian integer of 1 or 4 bytes: 3 bytes",
+        ),
+        (
+            (("kafka_original-topic", b"orders"), ("retry_topic-attempts", b"")),
+            "header retry_topic-attempts is not a big-endian integer of 1 or 4 bytes: 0 bytes",
         ),
         (
             (("kafka_original-topic", b"orders"), ("retry_topic-attempts", struct.pack(">i", -1))),

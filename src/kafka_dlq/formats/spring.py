@@ -13,9 +13,10 @@ Names and encodings are read from Spring's source (repository spring-projects/sp
   topics write the same encodings under ``kafka_original-*`` and ``kafka_exception-*``.
 - ``spring-kafka/src/main/java/org/springframework/kafka/retrytopic/DeadLetterPublishingRecovererFactory.java``:
   ``retry_topic-attempts`` is ``ByteBuffer.putInt(attempts + 1)`` (4 bytes) in current versions and
-  ``BigInteger.toByteArray()`` (1 byte for small counts) in 2.7, which the factory still reads ("backwards
-  compatibility"); ``retry_topic-original-timestamp`` and ``-backoff-timestamp`` are ``BigInteger.toByteArray()``
-  (minimal two's complement, 1 to 8 bytes) in 2.7 and now alike, never text.
+  ``BigInteger.toByteArray()`` (1 byte for small counts) in 2.7. ``getAttempts`` reads exactly those two sizes:
+  1 byte as ``Byte.toUnsignedInt`` ("backwards compatibility"), 4 bytes as ``ByteBuffer.getInt``; any other size
+  is not an attempt count to Spring, nor to us. ``retry_topic-original-timestamp`` and ``-backoff-timestamp`` are
+  ``BigInteger.toByteArray()`` (minimal two's complement, 1 to 8 bytes) in 2.7 and now alike, never text.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from kafka_dlq.formats._common import (
     MAX_MESSAGE_BYTES,
     MAX_STACKTRACE_BYTES,
     Fields,
+    FormatError,
     SourceFormat,
     capped,
+    check_range,
     coordinates,
     epoch_ms,
     frozen,
     known,
+    show,
     utf8,
     without,
 )
@@ -122,7 +126,7 @@ def _decode(
         # The factory writes attempts + 1, where attempts is the delivery that just failed (1 on the main topic):
         # a record sent to the DLT after its 3rd failed delivery carries 4 (DefaultDestinationTopicResolver
         # sends to the DLT once attempt < maxAttempts is false).
-        header = fields.big_endian(ATTEMPTS, range(1, 5), high=MAX_ATTEMPTS + 1)
+        header = _attempts_header(fields)
         attempts = 1 if header is None else max(1, header - 1)
     # A key deserialization failure writes key-exception-* (but the shared cause header); otherwise exception-*.
     value_side = names.exception in fields
@@ -163,6 +167,21 @@ def _decode(
     )
 
 
+def _attempts_header(fields: Fields) -> int | None:
+    # DeadLetterPublishingRecovererFactory.getAttempts: one byte is read unsigned (2.7's BigInteger bytes for a
+    # count below 128), four bytes as a signed int (putInt); Spring takes no other size, so neither do we: a 2- or
+    # 3-byte value is not something Spring wrote, and reading it as a number would invent a history.
+    raw = fields.raw(ATTEMPTS)
+    if raw is None:
+        return None
+    if len(raw) == 1:
+        return raw[0]
+    if len(raw) == 4:
+        return check_range(f"header {ATTEMPTS}", int.from_bytes(raw, "big", signed=True), high=MAX_ATTEMPTS + 1)
+    got = f"{len(raw)} byte{'' if len(raw) == 1 else 's'}"
+    raise FormatError(f"header {ATTEMPTS} is not a big-endian integer of 1 or 4 bytes: {got} {show(raw)}")
+
+
 def _bigint_time(fields: Fields, name: str) -> int | None:
     raw = fields.raw(name)
     if raw is not None and len(raw) > 8:
@@ -177,7 +196,8 @@ def spring_headers(dead_letter: DeadLetter) -> Headers:
     """The ``kafka_dlt-*`` headers Spring's recoverer would write for ``dead_letter``, encoded as Spring encodes them.
 
     Java services and tools that read Spring's dead letters can then read ours. The message and stack trace are
-    capped as in the native format, so either set of headers tells the same story.
+    capped as in the native format, so either set of headers tells the same story. Like the recoverer
+    (``maybeAddOriginalHeaders``), it always writes ``kafka_dlt-original-timestamp-type``.
     """
     original, failure = dead_letter.original, dead_letter.failure
     pairs = (
@@ -185,6 +205,7 @@ def spring_headers(dead_letter: DeadLetter) -> Headers:
         (DLT.partition, None if original.partition is None else original.partition.to_bytes(4, "big", signed=True)),
         (DLT.offset, None if original.offset is None else original.offset.to_bytes(8, "big", signed=True)),
         (DLT.timestamp, None if original.timestamp is None else original.timestamp.to_bytes(8, "big", signed=True)),
+        (DLT.timestamp_type, _timestamp_type(dead_letter).encode("utf-8")),
         (DLT.group, utf8(dead_letter.group)),
         # Spring names the root cause in cause-fqcn; an exception without a cause is its own root.
         (DLT.exception, utf8(failure.error_class)),
@@ -193,3 +214,17 @@ def spring_headers(dead_letter: DeadLetter) -> Headers:
         (DLT.stacktrace, capped(failure.stacktrace, MAX_STACKTRACE_BYTES)),
     )
     return tuple((name, value) for name, value in pairs if value is not None)
+
+
+_TIMESTAMP_TYPES = frozenset({"CreateTime", "LogAppendTime", "NoTimestampType"})
+"""``org.apache.kafka.common.record.TimestampType``'s names, which its ``toString()`` returns."""
+
+
+def _timestamp_type(dead_letter: DeadLetter) -> str:
+    # DeadLetterPublishingRecoverer writes record.timestampType().toString() as UTF-8 text. A dead letter read
+    # from Spring keeps the type it was given; otherwise a record with a timestamp is taken as CreateTime (the
+    # broker's default message.timestamp.type), and one without as NoTimestampType.
+    carried = dead_letter.extra.get("timestamp_type")
+    if carried in _TIMESTAMP_TYPES:
+        return carried
+    return "NoTimestampType" if dead_letter.original.timestamp is None else "CreateTime"
