@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+from redis.asyncio.connection import Connection as RedisConnection
 
 from kafka_dlq.breaker import BreakerSettings
 from kafka_dlq.classify import Classifier
@@ -15,9 +16,10 @@ from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.loop_lag import LoopLagProbe
-from kafka_dlq.outcomes import ParkNow, Reason
+from kafka_dlq.outcomes import Outcome, ParkNow, Reason
 from kafka_dlq.policy import Jitter, RetryPolicy
-from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
+from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
+from kafka_dlq.schedule import Entry, RedisSchedule, ScheduleError, check_waitaof
 from tests.conftest import wait_for
 from tests.helpers import read_all, seed
 
@@ -379,3 +381,66 @@ async def test_a_processor_may_park_a_record_now(kafka_bootstrap, redis_url, uni
     assert parked.reason is Reason.NON_RETRYABLE
     assert parked.attempts == 2
     assert parked.failure.error_class == "kafka_dlq.outcomes.ParkNow"
+
+
+# ---------------------------------------------------------------- the schedule's writes are durable before they count
+
+
+@pytest.fixture
+def redis_sends(monkeypatch) -> list[bytes]:
+    """What the asyncio Redis client puts on the wire, one item per send (a pipeline is one send), recorded on the
+    way to the real server."""
+    sends: list[bytes] = []
+    original = RedisConnection.send_packed_command
+
+    async def recording(self, command, check_health=True):
+        parts = [command] if isinstance(command, bytes | str) else list(command)
+        sends.append(b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
+        return await original(self, parts if len(parts) > 1 else parts[0], check_health)
+
+    monkeypatch.setattr(RedisConnection, "send_packed_command", recording)
+    return sends
+
+
+def _entry(offset: int) -> Entry:
+    dl = DeadLetter(
+        original=OriginalRecord(topic="orders", partition=0, offset=offset, key=b"k", value=b"v"),
+        failure=Failure(error_class="builtins.RuntimeError", message="boom"),
+        dlq=DlqCoordinates(topic="orders.dlq", partition=0, offset=offset),
+    )
+    return Entry(dead_letter=dl)
+
+
+async def test_with_waitaof_each_schedule_write_waits_on_its_own_connection(redis_url, unique_name, redis_sends):
+    # The session's Redis runs with AOF on. Where it has WAITAOF (7.2+) the whole path runs for real; where it
+    # has not, the schedule is told it has, so that what it sends is seen, and the server's refusal must surface.
+    async with RedisSchedule(redis_url, unique_name("aof")) as schedule:
+        assert schedule.aof_enabled
+        real = schedule.waitaof
+        schedule.waitaof = True
+        redis_sends.clear()
+        try:
+            await schedule.add([(_entry(1), 0)])
+        except ScheduleError as exc:
+            assert not real, exc
+            assert "WAITAOF" in str(exc)  # refused, and said so: the write is not taken as durable
+        writes = [send for send in redis_sends if b"EVALSHA" in send or b"WAITAOF" in send]
+        # Each send carries the script and then the WAITAOF that covers it: same connection, same round trip.
+        # (More than one when the server did not know the script yet: loaded, then sent again.)
+        assert writes, redis_sends
+        for send in writes:
+            assert b"EVALSHA" in send and send.index(b"EVALSHA") < send.index(b"WAITAOF"), send
+        assert await schedule.client.hexists(schedule.keys["body"], _entry(1).id)
+        if real:
+            claimed, _ = await schedule.claim(10, 30)
+            assert [c.entry.id for c in claimed] == [_entry(1).id]
+            assert await schedule.finish(claimed[0], Outcome.RECOVERED)
+            assert (await schedule.pending())["total"] == 0
+
+
+def test_a_waitaof_reply_without_the_local_fsync_is_an_error():
+    check_waitaof([1, 0])
+    check_waitaof([2, 1])
+    for reply in ([0, 0], [0, 3], None, []):
+        with pytest.raises(ScheduleError, match="append-only file"):
+            check_waitaof(reply)

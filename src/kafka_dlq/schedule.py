@@ -29,13 +29,13 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.driver_info import DriverInfo
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from kafka_dlq.errors import KafkaDLQError
 from kafka_dlq.outcomes import Outcome
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
 
-__all__ = ["Claimed", "Entry", "RedisSchedule", "ScheduleError", "connect_redis"]
+__all__ = ["Claimed", "Entry", "RedisSchedule", "ScheduleError", "check_waitaof", "connect_redis"]
 
 
 class ScheduleError(KafkaDLQError):
@@ -212,6 +212,28 @@ return out
 """
 
 
+_WAITAOF_TIMEOUT_MS = 5000
+
+
+def check_waitaof(reply: Any, timeout_ms: int = _WAITAOF_TIMEOUT_MS) -> None:
+    """Raise ``ScheduleError`` unless a ``WAITAOF 1 0 <timeout>`` reply says the local AOF has the write.
+
+    The reply is ``[numlocal, numreplicas]``; ``numlocal`` is 0 when the fsync did not happen within the timeout,
+    which means the write is acknowledged but not yet durable: the caller must not treat it as done.
+
+    >>> check_waitaof([1, 0])  # in the local AOF (and on no replica: none was asked for)
+    """
+    try:
+        local = int(reply[0])
+    except (TypeError, ValueError, IndexError, KeyError):
+        local = -1
+    if local < 1:
+        raise ScheduleError(
+            f"Redis did not confirm the write in its append-only file within {timeout_ms} ms "
+            f"(WAITAOF answered {reply!r}): check the server's disk and its appendfsync setting"
+        )
+
+
 def connect_redis(url: str, max_connections: int = 32) -> aioredis.Redis:
     """An asyncio Redis client for ``url``.
 
@@ -310,13 +332,44 @@ class RedisSchedule:
         except (RedisError, ResponseError) as exc:
             raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
 
-    async def _durable(self) -> None:
-        """With AOF on and a server that has WAITAOF (7.2+), wait until the write is in the local AOF."""
-        if self.waitaof:
+    async def _write(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script that changes the schedule; return only once the change is durable.
+
+        With AOF on and a server that has WAITAOF (7.2+), ``WAITAOF 1 0 <timeout>`` follows the script on the same
+        connection, in one non-transactional pipeline: WAITAOF waits for the writes of the connection it is sent
+        on, so sent on another pooled connection it would wait for nothing. Its reply is checked
+        (:func:`check_waitaof`).
+        """
+        if not self.waitaof:
+            return await self._run(script, keys, args)
+        source = self._scripts[script]
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(source.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAITAOF", 1, 0, _WAITAOF_TIMEOUT_MS)
             try:
-                await self.client.execute_command("WAITAOF", 1, 0, 5000)  # type: ignore[no-untyped-call]
+                result, waited = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
-                raise ScheduleError(f"Redis WAITAOF failed: {exc}") from exc
+                raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
+            if isinstance(result, NoScriptError):
+                # The server lost its script cache (a restart): load it and send the pair again; the script did
+                # not run, so nothing is written twice.
+                try:
+                    source.sha = await self.client.script_load(source.script)
+                except RedisError as exc:
+                    raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
+                continue
+            if isinstance(result, Exception):
+                raise ScheduleError(f"Redis schedule {script} failed: {result}") from result
+            if isinstance(waited, Exception):
+                if "appendonly is disabled" in str(waited):
+                    # An operator turned AOF off at run time: there is no file to wait for any more.
+                    self.waitaof = self.aof_enabled = False
+                    return result
+                raise ScheduleError(f"Redis WAITAOF failed: {waited}") from waited
+            check_waitaof(waited)
+            return result
+        raise ScheduleError(f"Redis schedule {script} failed: the server keeps forgetting the script")
 
     async def add(self, entries: Iterable[tuple[Entry, int]]) -> int:
         """Schedule ``(entry, due_ms)`` pairs; an id already scheduled or recently finished is left alone."""
@@ -328,10 +381,9 @@ class RedisSchedule:
         if not count:
             return 0
         k = self.keys
-        added = await self._run(
+        added = await self._write(
             "schedule", [k["due"], k["inflight"], k["body"], k["claims"], k["done"]], [count, *args]
         )
-        await self._durable()
         return int(added)
 
     async def claim(self, limit: int, lease: float, now_ms: int | None = None) -> tuple[list[Claimed], int | None]:
@@ -379,8 +431,7 @@ class RedisSchedule:
             for fields, _ in batch:
                 args += fields
             try:
-                results = await self._run("finish", keys, args)
-                await self._durable()
+                results = await self._write("finish", keys, args)
             except ScheduleError as exc:
                 for _, future in batch:
                     if not future.done():
