@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kafka_dlq import dev
 from kafka_dlq.cli import _fail
 from kafka_dlq.errors import ServerError
 from kafka_dlq.testing import free_port
@@ -130,3 +131,21 @@ def test_an_error_prints_as_written_even_with_brackets(capsys, message):
 
     assert exit_.exit_code == 1
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_an_interrupted_dev_up_leaves_no_server_running(monkeypatch, tmp_path):
+    monkeypatch.setenv("KAFKA_DLQ_DEV_DIR", str(tmp_path / "dev"))
+    kafka_port, controller_port, redis_port = free_port(), free_port(), free_port()
+
+    def interrupted(stack: object) -> dict[str, object]:
+        raise KeyboardInterrupt  # Ctrl-C once both servers run, before the state file names them
+
+    monkeypatch.setattr(dev, "asdict", interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        dev.dev_up(kafka_port=kafka_port, controller_port=controller_port, redis_port=redis_port)
+
+    for port in (kafka_port, controller_port, redis_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2.0).close()
+    assert not (tmp_path / "dev" / "state.json").exists()

@@ -11,7 +11,9 @@ import pytest
 
 from kafka_dlq.errors import KafkaDLQError, ServerError
 from kafka_dlq.testing import KafkaServer, RedisServer
-from kafka_dlq.testing.servers import redis_command
+from kafka_dlq.testing.servers import pid_alive, redis_command
+
+FIX_AND_RETRY = "fix the setting or free the resource named there, then start it again"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -27,8 +29,10 @@ def test_no_java_says_how_to_get_it(monkeypatch, tmp_path):
     with pytest.raises(ServerError) as caught:
         KafkaServer(data_dir=tmp_path / "k").start()
 
-    assert "`java` was not found" in _one_line(caught.value)
-    assert "JAVA_HOME" in str(caught.value)
+    message = _one_line(caught.value)
+    assert "`java` was not found" in message
+    assert "install a Java 17+ runtime" in message
+    assert "or set JAVA_HOME" in message
 
 
 def test_no_maven_and_no_jars_says_how_to_get_them(monkeypatch, tmp_path):
@@ -46,6 +50,7 @@ def test_no_maven_and_no_jars_says_how_to_get_them(monkeypatch, tmp_path):
     message = _one_line(caught.value)
     assert "`mvn` was not found" in message
     assert "apt-get install maven" in message
+    assert "or run `make setup`" in message
 
 
 def test_a_port_already_taken_is_named(tmp_path):
@@ -60,7 +65,10 @@ def test_a_port_already_taken_is_named(tmp_path):
             RedisServer(port=port, data_dir=tmp_path / "r").start()
 
     for caught in (kafka_error, redis_error):
-        assert f"127.0.0.1:{port} is already in use" in _one_line(caught.value)
+        message = _one_line(caught.value)
+        assert f"127.0.0.1:{port} is already in use" in message
+        assert "stop whatever listens there" in message
+        assert "or choose another port" in message
 
 
 def test_a_bad_setting_is_caught_before_the_broker_starts(tmp_path):
@@ -72,6 +80,7 @@ def test_a_bad_setting_is_caught_before_the_broker_starts(tmp_path):
     message = _one_line(caught.value)
     assert "formatting Kafka's log folder failed" in message
     assert "num.io.threads" in message
+    assert message.endswith(f"{FIX_AND_RETRY} (server log: {server.log_path})")
 
 
 def test_a_broker_that_dies_at_start_reports_the_reason_and_its_log(tmp_path):
@@ -87,6 +96,7 @@ def test_a_broker_that_dies_at_start_reports_the_reason_and_its_log(tmp_path):
     message = _one_line(caught.value)
     assert "kafka exited with code" in message
     assert "num.io.threads" in message
+    assert message.endswith(f"{FIX_AND_RETRY} (server log: {server.log_path})")
     assert caught.value.log_path == str(server.log_path)
     assert Path(caught.value.log_path).is_file()
 
@@ -100,6 +110,7 @@ def test_a_redis_that_will_not_start_reports_the_reason_and_its_log(tmp_path):
     message = _one_line(caught.value)
     assert "redis exited with code" in message
     assert "maxmemory" in message
+    assert message.endswith(f"{FIX_AND_RETRY} (server log: {server.log_path})")
     assert caught.value.log_path is not None and os.path.isfile(caught.value.log_path)
 
 
@@ -111,3 +122,28 @@ def test_redis_with_aof_on_reports_it(tmp_path):
     with RedisServer(data_dir=tmp_path / "r", appendonly=True) as redis:
         info = redis_command(redis.port, "CONFIG", "GET", "appendonly")
     assert b"yes" in info
+
+
+class _InterruptedKafka(KafkaServer):
+    """A real broker whose start is interrupted (as by Ctrl-C or a test's timeout) once its JVM runs."""
+
+    def _logged_started(self) -> bool:
+        raise KeyboardInterrupt
+
+
+class _InterruptedRedis(RedisServer):
+    def _pings(self) -> bool:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("server_class", [_InterruptedKafka, _InterruptedRedis])
+def test_an_interrupted_start_leaves_no_server_running(tmp_path, server_class):
+    server = server_class(data_dir=tmp_path / "s")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.start()
+
+        assert server.process.pid is not None  # it had been spawned
+        assert not pid_alive(server.process.pid)
+    finally:
+        server.kill()

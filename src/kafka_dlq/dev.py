@@ -142,24 +142,27 @@ def dev_up(
     folder = _folder()
     kafka = KafkaServer(port=kafka_port, controller_port=controller_port, data_dir=folder / "kafka")
     redis = RedisServer(port=redis_port, data_dir=folder / "redis", appendonly=True)
-    kafka.start()
     try:
+        kafka.start()
         redis.start()
+        assert kafka.process.pid is not None and redis.process.pid is not None
+        stack = DevStack(
+            kafka_pid=kafka.process.pid,
+            kafka_port=kafka.port,
+            kafka_controller_port=kafka.controller_port,
+            kafka_version=KAFKA_VERSION,
+            redis_pid=redis.process.pid,
+            redis_port=redis.port,
+            redis_version=redis.version or "unknown",
+            folder=str(folder),
+        )
+        _state_file().write_text(json.dumps(asdict(stack), indent=2))
     except BaseException:
+        # An error or Ctrl-C part-way: leave no server running that no state file names.
+        _state_file().unlink(missing_ok=True)
+        redis.stop()
         kafka.stop()
         raise
-    assert kafka.process.pid is not None and redis.process.pid is not None
-    stack = DevStack(
-        kafka_pid=kafka.process.pid,
-        kafka_port=kafka.port,
-        kafka_controller_port=kafka.controller_port,
-        kafka_version=KAFKA_VERSION,
-        redis_pid=redis.process.pid,
-        redis_port=redis.port,
-        redis_version=redis.version or "unknown",
-        folder=str(folder),
-    )
-    _state_file().write_text(json.dumps(asdict(stack), indent=2))
     kafka.process.detach()
     redis.process.detach()
     return stack

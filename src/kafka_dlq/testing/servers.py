@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +41,8 @@ __all__ = [
 
 KAFKA_VERSION = "4.4.0"
 _STOP_TIMEOUT = 15.0
+_INTERRUPTED_STOP_TIMEOUT = 5.0  # a half-started server has nothing worth a long graceful stop
+_FIX_AND_RETRY = "fix the setting or free the resource named there, then start it again"
 
 
 def cache_dir() -> Path:
@@ -256,7 +258,10 @@ class _Process:
     def died(self, what: str) -> ServerError:
         """The error for a server that exited on its own: its exit code and the log line that says why."""
         code = self.exit_code()
-        return ServerError(f"{self.name} exited with code {code} {what}: {self.reason()}", log_path=str(self.log_path))
+        return ServerError(
+            f"{self.name} exited with code {code} {what}: {self.reason()}: {_FIX_AND_RETRY}",
+            log_path=str(self.log_path),
+        )
 
     def reason(self) -> str:
         lines = [ln.strip() for ln in self.tail(200).splitlines() if ln.strip()]
@@ -278,7 +283,13 @@ class _Process:
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
         """SIGTERM, then SIGKILL once ``timeout`` seconds have passed."""
         if self.popen is not None and self.popen.poll() is None:
-            terminate(self.popen.pid, timeout, wait=self.popen.wait)
+            try:
+                terminate(self.popen.pid, timeout, wait=self.popen.wait)
+            except BaseException:
+                # Interrupted while waiting for it (a second Ctrl-C): it must not outlive us all the same.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                raise
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -356,7 +367,17 @@ class _Server:
     def rss_bytes(self) -> int | None:
         return self.process.rss_bytes()
 
+    @contextlib.contextmanager
+    def _stopped_unless_started(self) -> Iterator[None]:
+        """Stop the process when start-up ends any other way than ready: an error, Ctrl-C, a test's timeout."""
+        try:
+            yield
+        except BaseException:
+            self.process.stop(_INTERRUPTED_STOP_TIMEOUT)
+            raise
+
     def _wait_ready(self, is_ready: Callable[[], bool]) -> None:
+        self.ready_seconds = None
         started = time.monotonic()
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
@@ -493,10 +514,11 @@ class KafkaServer(_Server):
         if not (self.directory / "data" / "meta.properties").is_file():
             self._format(java, libs, config)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.process.spawn(self._java(java, libs, "kafka.Kafka", str(config), heap=self.heap), self.directory)
         from kafka_dlq.kafka.admin import broker_answers
 
-        self._wait_ready(lambda: self._logged_started() and broker_answers(self.bootstrap_servers, timeout=2.0))
+        with self._stopped_unless_started():
+            self.process.spawn(self._java(java, libs, "kafka.Kafka", str(config), heap=self.heap), self.directory)
+            self._wait_ready(lambda: self._logged_started() and broker_answers(self.bootstrap_servers, timeout=2.0))
         return self
 
     def _format(self, java: str, libs: Path, config: Path) -> None:
@@ -510,7 +532,8 @@ class KafkaServer(_Server):
             result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.directory, check=False)
         if result.returncode != 0:
             raise ServerError(
-                f"formatting Kafka's log folder failed with exit code {result.returncode}: {self.process.reason()}",
+                f"formatting Kafka's log folder failed with exit code {result.returncode}: {self.process.reason()}: "
+                f"{_FIX_AND_RETRY}",
                 log_path=str(self.log_path),
             )
 
@@ -573,9 +596,10 @@ class RedisServer(_Server):
             "everysec",
             *self.extra_args,
         ]
-        self.process.spawn(argv, self.directory)
-        self._wait_ready(self._pings)
-        self.version = self._info_field("redis_version")
+        with self._stopped_unless_started():
+            self.process.spawn(argv, self.directory)
+            self._wait_ready(self._pings)
+            self.version = self._info_field("redis_version")
         return self
 
     def _pings(self) -> bool:
