@@ -14,7 +14,7 @@ import pytest
 from kafka_dlq import dev
 from kafka_dlq.cli import _fail
 from kafka_dlq.errors import ServerError
-from kafka_dlq.testing import free_port
+from kafka_dlq.testing import free_port, free_ports
 from kafka_dlq.testing.servers import pid_alive
 
 
@@ -37,7 +37,7 @@ def dev_env(tmp_path):
 
 
 def test_dev_up_status_down_round_trip(dev_env):
-    kafka_port, redis_port = free_port(), free_port()
+    kafka_port, redis_port = free_ports(2)
 
     up = _cli("dev", "up", "--json", "--kafka-port", str(kafka_port), "--redis-port", str(redis_port), env=dev_env)
     assert up.returncode == 0, up.stderr
@@ -135,7 +135,7 @@ def test_an_error_prints_as_written_even_with_brackets(capsys, message):
 
 def test_an_interrupted_dev_up_leaves_no_server_running(monkeypatch, tmp_path):
     monkeypatch.setenv("KAFKA_DLQ_DEV_DIR", str(tmp_path / "dev"))
-    kafka_port, controller_port, redis_port = free_port(), free_port(), free_port()
+    kafka_port, controller_port, redis_port = free_ports(3)
 
     def interrupted(stack: object) -> dict[str, object]:
         raise KeyboardInterrupt  # Ctrl-C once both servers run, before the state file names them

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kafka_dlq.errors import KafkaDLQError, ServerError
-from kafka_dlq.testing import KafkaServer, RedisServer
+from kafka_dlq.testing import KafkaServer, RedisServer, free_port, free_ports
 from kafka_dlq.testing.servers import pid_alive, redis_command
 
 FIX_AND_RETRY = "fix the setting or free the resource named there, then start it again"
@@ -147,3 +147,18 @@ def test_an_interrupted_start_leaves_no_server_running(tmp_path, server_class):
         assert not pid_alive(server.process.pid)
     finally:
         server.kill()
+
+
+def test_ports_picked_together_are_all_different():
+    for _ in range(100):
+        assert len(set(free_ports(3))) == 3
+
+
+def test_a_broker_and_its_controller_never_share_a_port(tmp_path):
+    taken = free_port()
+    for _ in range(100):
+        # The constructor only picks the ports: nothing starts.
+        chosen = KafkaServer(data_dir=tmp_path)
+        assert chosen.port != chosen.controller_port
+        assert KafkaServer(port=taken, data_dir=tmp_path).controller_port != taken
+        assert KafkaServer(controller_port=taken, data_dir=tmp_path).port != taken

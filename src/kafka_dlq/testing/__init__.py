@@ -12,6 +12,7 @@ from kafka_dlq.testing.servers import (
     cache_dir,
     ensure_kafka_libs,
     free_port,
+    free_ports,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "cache_dir",
     "ensure_kafka_libs",
     "free_port",
+    "free_ports",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "command_line",
     "ensure_kafka_libs",
     "free_port",
+    "free_ports",
     "pid_alive",
     "redis_command",
     "redis_pings",
@@ -53,11 +54,21 @@ def cache_dir() -> Path:
     return Path(base) / "kafka-dlq"
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` different loopback TCP ports that nothing listens on right now.
+
+    All are held at once while they are picked: ports picked one after the other can be the same port twice.
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    """A loopback TCP port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that nothing listens on right now (for several at once, :func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def _check_port_free(port: int, what: str) -> None:
@@ -446,8 +457,10 @@ class KafkaServer(_Server):
         startup_timeout: float = 90.0,
     ) -> None:
         super().__init__(data_dir, startup_timeout)
-        self.port = port or free_port()
-        self.controller_port = controller_port or free_port()
+        # Picked together, so the broker and the controller never get the same port (nor a port given here).
+        spare = [p for p in free_ports(2) if p not in (port, controller_port)] if not (port and controller_port) else []
+        self.port = port or spare.pop(0)
+        self.controller_port = controller_port or spare.pop(0)
         self.version = version
         self.heap = heap
         self.properties = dict(properties or {})
