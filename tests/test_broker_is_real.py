@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.testing import KafkaServer
+from kafka_dlq.testing.pytest_plugin import _REPORT
 
 
 def _consume(
@@ -84,15 +86,32 @@ def test_read_committed_sees_committed_transactions_and_not_aborted_ones(kafka_b
 
 def test_a_broker_restarted_on_its_data_folder_still_has_its_records(tmp_path: Path):
     with KafkaServer(data_dir=tmp_path / "kafka") as kafka:
+        assert kafka.format_seconds is not None  # a new folder is formatted before the broker starts
         create_topics(kafka.bootstrap_servers, {"durable": 2})
         producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "acks": "all"})
         for n in range(50):
             producer.produce("durable", key=str(n).encode(), value=b"x" * n)
         assert producer.flush(30) == 0
         del producer
+        before = kafka.process.popen
+        assert before is not None
+        kafka.ready_seconds = None
 
         kafka.restart()
 
+        # A new broker process, not the old one left running: the old one exited, the new one was waited for.
+        assert before.poll() is not None
+        assert kafka.process.pid != before.pid
+        assert kafka.running
+        assert kafka.ready_seconds is not None
+        assert kafka.format_seconds is None  # the folder was kept, so it was not formatted again
         records = _consume(kafka.bootstrap_servers, "durable", "after-restart", expected=50)
         assert sorted(int(m.key()) for m in records) == list(range(50))
         assert all(m.value() == b"x" * int(m.key()) for m in records)
+
+
+def test_the_summary_gives_the_brokers_format_and_ready_times_and_memory(kafka_server, pytestconfig):
+    started = [line for line in pytestconfig.stash[_REPORT] if line.startswith("Kafka ") and "started at" in line]
+
+    assert len(started) == 1
+    assert re.search(r": ready in \d+\.\d s \(format \d+\.\d s\), resident memory \d+ MiB$", started[0]), started[0]

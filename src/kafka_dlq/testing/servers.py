@@ -464,6 +464,8 @@ class KafkaServer(_Server):
         self.version = version
         self.heap = heap
         self.properties = dict(properties or {})
+        self.format_seconds: float | None = None
+        """How long the last start spent formatting the log folder (its own JVM), None when it needed no format."""
 
     @property
     def bootstrap_servers(self) -> str:
@@ -524,8 +526,11 @@ class KafkaServer(_Server):
         config = self.directory / "server.properties"
         config.write_text(self._server_properties())
         (self.directory / "log4j2.properties").write_text(_LOG4J2)
+        self.format_seconds = None
         if not (self.directory / "data" / "meta.properties").is_file():
+            started = time.monotonic()
             self._format(java, libs, config)
+            self.format_seconds = time.monotonic() - started
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         from kafka_dlq.kafka.admin import broker_answers
 
