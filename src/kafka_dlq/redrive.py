@@ -653,7 +653,7 @@ class _Run:
                     committed = await self._transaction(producer, consumer, reader)
                     aborts = 0 if committed else aborts + 1
                     self.progress(reader.handled - base, report.total)
-                    if aborts > MAX_ABORTS:
+                    if aborts >= MAX_ABORTS:
                         raise KafkaDLQError(f"{MAX_ABORTS} transactions in a row aborted: see the warnings above")
                 self._stop_clock()
 
