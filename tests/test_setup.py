@@ -86,3 +86,7 @@ def test_setup_run_again_installs_nothing(checkout):
     assert "java, mvn and redis-server already installed" in result.stdout
     assert "Python dependencies already installed" in result.stdout
     assert "installing" not in result.stdout + result.stderr
+
+
+def test_a_test_run_keeps_tmp_path_folders_only_for_failed_tests(pytestconfig):
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
