@@ -19,9 +19,17 @@ from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.formats.native import HEADERS as NATIVE_HEADERS
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.outcomes import ParkNow, RetryLater
-from kafka_dlq.policy import Jitter, RetryPolicy
+from kafka_dlq.policy import Backoff, Jitter, RetryPolicy
 from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
-from kafka_dlq.retrying import Attempt, Ordering, RetryEngine, current_attempt, default_in_place_policy
+from kafka_dlq.retrying import (
+    MAX_IN_PLACE_ATTEMPTS,
+    Attempt,
+    Ordering,
+    RetryEngine,
+    RetryingConsumer,
+    current_attempt,
+    default_in_place_policy,
+)
 from kafka_dlq.testing.memory import MemoryRetryingConsumer
 
 NOW = 1_700_000_000_000
@@ -191,6 +199,115 @@ async def test_a_zero_budget_means_no_in_place_retry():
         await c.deliver("orders", b"v", key=b"o1")
     assert handler.calls[b"o1"] == 1
     assert c.dead_letters[0].attempts == 1
+
+
+async def test_a_retry_later_with_no_delay_stops_at_the_policys_attempts():
+    # RetryLater skips the classifier's limits; in place, the attempt limit holds all the same.
+    calls = 0
+
+    async def handle(record: KafkaRecord) -> None:
+        nonlocal calls
+        calls += 1
+        raise RetryLater("not yet", delay=0)
+
+    c = consumer(handle)
+    await c.deliver("orders", b"v")
+    await c.drain(timeout=5)
+    await c.close()
+
+    assert calls == 3
+    assert c.backoffs == [0, 0]
+    assert c.dead_letters[0].attempts == 3
+    assert c.dead_letters[0].failure.error_class == "kafka_dlq.outcomes.RetryLater"
+
+
+async def test_an_immediate_policy_without_an_attempt_limit_stops_at_the_in_place_cap():
+    handler = Flaky(always={b"o1"})
+    c = consumer(handler, policy=RetryPolicy(backoff=Backoff.IMMEDIATE, max_attempts=None))
+    await c.deliver("orders", b"v", key=b"o1")
+    await c.drain(timeout=5)
+    await c.close()
+
+    assert handler.calls[b"o1"] == MAX_IN_PLACE_ATTEMPTS
+    assert c.dead_letters[0].attempts == MAX_IN_PLACE_ATTEMPTS
+
+
+async def test_time_inside_the_handler_counts_against_the_budget():
+    calls = 0
+
+    async def slow_and_failing(record: KafkaRecord) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)  # more than the whole budget: no retry may start after it
+        raise ConnectionError("inventory service said 503")
+
+    async with consumer(slow_and_failing, retry_budget=0.25) as c:
+        await c.deliver("orders", b"v")
+
+    assert calls == 1
+    assert c.backoffs == []
+    assert c.dead_letters[0].attempts == 1
+
+
+async def test_the_budget_runs_from_the_first_call_on_the_engines_clock():
+    # Given a clock the handler moves on by 4 s per call and backoffs move on by their delay, a 10 s budget
+    # and a policy of 10 attempts 0.1 s apart:
+    now = [0.0]
+
+    async def four_seconds_and_fail(record: KafkaRecord) -> None:
+        now[0] += 4
+        raise ConnectionError("slow and down")
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    async def write(topic: str, encoded: object, dead_letter: DeadLetter) -> None:
+        written.append(dead_letter)
+
+    written: list[DeadLetter] = []
+    engine = RetryEngine(
+        four_seconds_and_fail,
+        group_id="g",
+        write_dead_letter=write,
+        mark_done=lambda record: None,
+        policy=RetryPolicy(backoff=Backoff.FIXED, initial_delay=0.1, jitter=Jitter.NONE, max_attempts=10),
+        retry_budget=10,
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    await engine.submit(KafkaRecord(topic="orders", partition=0, offset=0, value=b"v"))
+    assert await engine.drain(timeout=5)
+
+    # Then calls start at 0, 4.1 and 8.2 s; after the third (12.2 s) the budget is spent.
+    assert [d.attempts for d in written] == [3]
+    assert engine.counters.retried_in_place == 2
+
+
+@pytest.mark.parametrize(
+    ("wanted", "max_poll_interval_ms", "budget"),
+    [
+        (60, None, 15.0),  # the revoke timeout: 15 s at most
+        (60, "20000", 10.0),  # half of max.poll.interval.ms
+        (60, "10000", 5.0),
+        (3, None, 3.0),
+    ],
+)
+def test_the_kafka_consumers_budget_is_capped_by_the_revoke_timeout_and_max_poll_interval(
+    wanted, max_poll_interval_ms, budget
+):
+    async def handle(record: KafkaRecord) -> None:
+        return None
+
+    settings = {} if max_poll_interval_ms is None else {"max.poll.interval.ms": max_poll_interval_ms}
+    retrying = RetryingConsumer(
+        handle,
+        topics=["orders"],
+        group_id="g",
+        bootstrap_servers="127.0.0.1:9",
+        retry_budget=wanted,
+        consumer_config=settings,
+    )
+    assert retrying.retry_budget == budget
 
 
 async def test_a_handler_that_takes_too_long_times_out_and_is_retried():

@@ -13,13 +13,17 @@ Two pieces, so that a unit test runs exactly the logic production runs:
 
 Decisions, each explained where it is made:
 
-- **In-place retry budget.** A record may spend at most ``retry_budget`` seconds (default 10) waiting in backoff
-  between its in-place attempts; a backoff that would overrun the budget is not taken, the record goes to the DLQ.
-  The budget is capped at half of ``max.poll.interval.ms``. The client thread keeps polling while handlers run,
-  so group membership is never at risk from a slow handler; but at a rebalance the thread waits (in the revoke
-  callback, not polling) for records in progress, and the coordinator gives members ``max.poll.interval.ms`` to
-  rejoin. A record in a long retry would hold the rebalance, then be read again by the partition's next owner.
-  Time spent inside the handler is not part of the budget: bound it with ``handler_timeout``.
+- **In-place retry budget.** A record's in-place retries end ``retry_budget`` seconds (default 10) after its first
+  call started, on a monotonic clock: time inside the handler counts as much as time in backoff. A retry whose
+  backoff would end past the budget is not taken, the record goes to the DLQ. And whatever the policy or the
+  handler says (``RetryLater`` included, whose delay may be 0), a delivery gets at most ``policy.max_attempts``
+  calls and never more than :data:`MAX_IN_PLACE_ATTEMPTS`: in-place retry is short by design, the DLQ handler is
+  where long retries belong. The Kafka-backed consumer caps the budget at half of ``max.poll.interval.ms`` and at
+  its revoke timeout. The client thread keeps polling while handlers run, so group membership is never at risk
+  from a slow handler; but at a rebalance the thread waits (in the revoke callback, not polling) for records in
+  progress, for at most the revoke timeout, and the coordinator gives members ``max.poll.interval.ms`` to rejoin.
+  A record in a longer retry would hold the rebalance, then be read again by the partition's next owner. One call
+  is bounded only by ``handler_timeout``: a retry started within the budget may end after it.
 - **Redrive carry-forward.** A record carrying native dead-letter headers (a redrive or the DLQ handler's
   republish mode sent it back) is decoded with :func:`kafka_dlq.formats.decode`: its attempts, first failure and
   redrive count carry over into the next dead letter, so a record's history is never reset by a round trip.
@@ -64,6 +68,7 @@ from kafka_dlq.policy import Jitter, RetryPolicy
 from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
 
 __all__ = [
+    "MAX_IN_PLACE_ATTEMPTS",
     "Attempt",
     "DeadLetterWriter",
     "Ordering",
@@ -82,6 +87,11 @@ the loop; sync ones in a thread (one per concurrency slot), never on the loop.""
 
 DeadLetterWriter = Callable[[str, EncodedRecord, DeadLetter], Awaitable[None]]
 """Writes a dead letter to a topic and returns once it is durable (for Kafka: its delivery report came)."""
+
+MAX_IN_PLACE_ATTEMPTS = 10
+"""The most calls one delivery of a record gets in place, whatever the policy's ``max_attempts`` (None included)
+or the handler's ``RetryLater`` say: with a zero delay nothing else would stop a retry loop that spins as fast
+as the handler fails. Spring's ``DefaultErrorHandler`` also stops at 10."""
 
 
 class Ordering(Enum):
@@ -234,7 +244,8 @@ class RetryEngine:
 
     ``write_dead_letter(topic, encoded, dead_letter)`` makes a dead letter durable; ``mark_done(record)`` is called
     once the record's outcome is durable (processed, or its dead letter written), never before. ``sleep`` waits a
-    backoff (tests pass one that does not wait); ``now_ms`` is the wall clock for failure times.
+    backoff; ``clock`` is the monotonic clock (seconds) the in-place budget is measured on, so a ``sleep`` that
+    does not wait (a test's) should move it on; ``now_ms`` is the wall clock for failure times.
 
     >>> engine = RetryEngine(handle, group_id="orders", write_dead_letter=write, mark_done=done)  # doctest: +SKIP
     >>> await engine.submit(record)                                  # doctest: +SKIP
@@ -257,6 +268,7 @@ class RetryEngine:
         spring_compatible: bool = False,
         handler_timeout: float | timedelta | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         now_ms: Callable[[], int] = _now_ms,
         rng: random.Random | None = None,
         on_error: Callable[[BaseException], None] | None = None,
@@ -288,6 +300,7 @@ class RetryEngine:
         self._write = write_dead_letter
         self._mark_done = mark_done
         self._sleep = sleep
+        self._clock = clock
         self._now_ms = now_ms
         self._rng = rng or random.Random()
         self._on_error = on_error
@@ -296,6 +309,14 @@ class RetryEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._free = concurrency
         self._freed = asyncio.Event()
+        wanted = self.policy.max_attempts
+        self.in_place_attempts = MAX_IN_PLACE_ATTEMPTS if wanted is None else min(wanted, MAX_IN_PLACE_ATTEMPTS)
+        if wanted is None or wanted > MAX_IN_PLACE_ATTEMPTS:
+            log.info(
+                "in-place attempts capped at %d (the policy allows %s): longer retries belong to the DLQ handler",
+                MAX_IN_PLACE_ATTEMPTS,
+                "any number" if wanted is None else wanted,
+            )
         self._lanes: dict[tuple[str, bytes], deque[KafkaRecord]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
@@ -431,7 +452,7 @@ class RetryEngine:
     async def _process(self, record: KafkaRecord) -> None:
         view, history = _history(record)
         in_place = 0
-        waited = 0.0
+        started = self._clock()
         previous_delay: float | None = None
         first_failure = history.first_failure
         life_first_failure: int | None = None
@@ -467,11 +488,14 @@ class RetryEngine:
                 decision = self.classifier.classify(
                     error, policy=self.policy, attempts=in_place, first_failure_ms=life_first_failure, now_ms=now
                 )
-                if not decision.parked:
+                # The attempt limit holds whatever the decision: a RetryLater(delay=0) skips the classifier's
+                # limits (the handler's word is explicit), and must not make the in-place loop spin for ever.
+                if not decision.parked and in_place < self.in_place_attempts:
                     delay = decision.delay
                     if delay is None:
                         delay = self.policy.next_delay(in_place, rng=self._rng, previous_delay=previous_delay)
-                    if waited + delay <= self.retry_budget:
+                    # From the first call: the handler's own time counts, not only the backoffs.
+                    if self._clock() - started + delay <= self.retry_budget:
                         self.counters.retried_in_place += 1
                         log.debug(
                             "%s/%d/%d failed (%s); retrying in place in %.3f s",
@@ -481,7 +505,6 @@ class RetryEngine:
                             qualified_name(error),
                             delay,
                         )
-                        waited += delay
                         previous_delay = delay
                         await self._sleep(delay)
                         continue
@@ -574,6 +597,7 @@ class RetryEngine:
 
 _BUDGET_SHARE_OF_POLL_INTERVAL = 0.5
 _REVOKE_SHARE_OF_POLL_INTERVAL = 0.8
+_MAX_REVOKE_TIMEOUT = 15.0
 _DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 
 
@@ -595,7 +619,8 @@ class RetryingConsumer:
     ...     await stop_event.wait()
 
     ``policy`` is the in-place policy (default: :func:`default_in_place_policy`); ``retry_budget`` bounds the time
-    one record waits in backoff (capped at half of ``max.poll.interval.ms``, see the module's notes). Records in
+    one record spends in in-place retries from its first call, handler time included (capped at half of
+    ``max.poll.interval.ms`` and at the revoke timeout, 15 s at most; see the module's notes). Records in
     progress at :meth:`stop` get ``timeout`` seconds to finish; the rest are cancelled and read again by the next
     consumer of the group. ``kafka_config`` goes to both clients (``bootstrap.servers``, security);
     ``consumer_config`` only to the consumer (``max.poll.interval.ms``, ``session.timeout.ms`` ...) and
@@ -645,13 +670,18 @@ class RetryingConsumer:
         except (TypeError, ValueError):
             raise ConfigError(f"max.poll.interval.ms must be milliseconds, got {raw_interval!r}") from None
         wanted = _seconds("retry_budget", retry_budget)
-        budget = min(wanted, poll_interval * _BUDGET_SHARE_OF_POLL_INTERVAL)
+        revoke_timeout = min(_MAX_REVOKE_TIMEOUT, poll_interval * _REVOKE_SHARE_OF_POLL_INTERVAL)
+        # A record in retry at a rebalance holds the revoke callback: its retries must end before the callback
+        # gives up on it (the revoke timeout) and well inside the time the group gives members to rejoin.
+        budget = min(wanted, poll_interval * _BUDGET_SHARE_OF_POLL_INTERVAL, revoke_timeout)
         if budget < wanted:
             log.info(
-                "retry_budget %.1f s capped at %.1f s, half of max.poll.interval.ms (%.0f ms)",
+                "retry_budget %.1f s capped at %.1f s: at most half of max.poll.interval.ms (%.0f ms) and the "
+                "revoke timeout (%.1f s)",
                 wanted,
                 budget,
                 poll_interval * 1000,
+                revoke_timeout,
             )
         self.topics = list(topics)
         self.group_id = group_id
@@ -659,7 +689,7 @@ class RetryingConsumer:
         self.max_pending = max_pending
         self._consumer_config = consumer_settings
         self._producer_config = {**config, **(producer_config or {})}
-        self._revoke_timeout = min(15.0, poll_interval * _REVOKE_SHARE_OF_POLL_INTERVAL)
+        self._revoke_timeout = revoke_timeout
         self._engine = RetryEngine(
             handler,
             group_id=group_id,

@@ -20,6 +20,8 @@ side is tested against a real broker.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -37,6 +39,9 @@ __all__ = ["MemoryRetryingConsumer"]
 
 TP = tuple[str, int]
 
+_SKIPPED: contextvars.ContextVar[float] = contextvars.ContextVar("kafka_dlq_memory_skipped", default=0.0)
+"""Backoff seconds not waited for, per record task: its in-place budget runs on as though they had been."""
+
 
 class MemoryRetryingConsumer:
     """The retrying consumer without Kafka. Same settings as :class:`~kafka_dlq.retrying.RetryingConsumer` (minus
@@ -49,7 +54,8 @@ class MemoryRetryingConsumer:
     - ``backoffs``: every in-place backoff taken, in seconds (not waited, unless ``wait_backoffs=True``);
     - :meth:`committed`: the offsets a real consumer would have committed, per partition.
 
-    ``now_ms`` fixes the wall clock for failure times (default: the real clock).
+    ``now_ms`` fixes the wall clock for failure times (default: the real clock). The in-place budget is measured
+    as in production, handler time included; backoffs not waited for count as though they had been.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class MemoryRetryingConsumer:
             spring_compatible=spring_compatible,
             handler_timeout=handler_timeout,
             sleep=self._sleep,
+            clock=_clock,
             on_error=self._failed,
             **options,
         )
@@ -205,8 +212,14 @@ class MemoryRetryingConsumer:
 
     async def _sleep(self, seconds: float) -> None:
         self.backoffs.append(seconds)
+        if not self.wait_backoffs:
+            _SKIPPED.set(_SKIPPED.get() + seconds)  # this record's task only: other records' budgets run as before
         # Still a real suspension point, so that other records run meanwhile, as they would while this one waits.
         await asyncio.sleep(seconds if self.wait_backoffs else 0)
 
     def _failed(self, error: BaseException) -> None:
         self.errors.append(error)
+
+
+def _clock() -> float:
+    return time.monotonic() + _SKIPPED.get()
