@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from kafka_dlq.classify import Classifier
-from kafka_dlq.errors import ConfigError
+from kafka_dlq.errors import ConfigError, KafkaClientError
 from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.formats.native import HEADERS as NATIVE_HEADERS
 from kafka_dlq.kafka import KafkaRecord
@@ -101,6 +101,7 @@ async def test_a_record_that_succeeds_is_processed_once_and_committed():
         "retried_in_place": 0,
         "dead_lettered": 0,
         "dead_lettered_non_retryable": 0,
+        "left_undone": 0,
         "in_flight": 0,
     }
 
@@ -509,6 +510,76 @@ async def test_with_key_ordering_a_later_record_follows_a_dead_lettered_one_only
         await c.deliver("orders", b"v", key=b"a")
 
     assert seen_dead_letters == [1]
+
+
+async def test_with_key_ordering_records_waiting_behind_a_key_hold_slots_so_intake_stays_bounded():
+    # Given a concurrency of 2 and a key whose first record is held up,
+    release = asyncio.Event()
+    order: list[int] = []
+
+    async def handle(record: KafkaRecord) -> None:
+        if record.offset == 0:
+            await release.wait()
+        order.append(record.offset)
+
+    c = consumer(handle, ordering=Ordering.KEY, concurrency=2)
+    # when six more records of that key arrive,
+    feeding = asyncio.gather(*[c.deliver("orders", b"v", key=b"hot") for _ in range(7)])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # then only one waits behind it: the rest stay with the client, as they would in Kafka.
+    assert c.get_metrics()["received"] == 2
+    assert c.engine.free_slots == 0
+    release.set()
+    await feeding
+    await c.drain()
+    await c.close()
+    assert order == list(range(7))
+
+
+async def test_with_key_ordering_a_dead_letter_that_cannot_be_written_stops_its_key_without_marking_the_rest_done():
+    # Given key ordering, and a dead-letter topic that refuses the first record's dead letter for good,
+    done: list[int] = []
+    handled: list[int] = []
+    errors: list[BaseException] = []
+    refused = KafkaClientError("topic authorization failed", fatal=True)
+
+    async def handle(record: KafkaRecord) -> None:
+        handled.append(record.offset)
+        if record.offset == 0:
+            raise KeyError("gone")
+
+    async def write(topic: str, encoded: object, dead_letter: DeadLetter) -> None:
+        raise refused
+
+    engine = RetryEngine(
+        handle,
+        group_id="g",
+        write_dead_letter=write,
+        mark_done=lambda record: done.append(record.offset),
+        classifier=Classifier(non_retryable=[KeyError]),
+        ordering=Ordering.KEY,
+        on_error=errors.append,
+    )
+
+    def record(offset: int, key: bytes) -> KafkaRecord:
+        return KafkaRecord(topic="orders", partition=0, offset=offset, key=key, value=b"v")
+
+    # when later records of its key (and another key's) arrive behind it, and one more of its key afterwards,
+    for offset, key in enumerate([b"a", b"a", b"b", b"a"]):
+        await engine.submit(record(offset, key))
+    assert await engine.drain(timeout=5)
+    await engine.submit(record(4, b"a"))
+    assert await engine.drain(timeout=5)
+
+    # then the failure is reported, key a's later records neither ran nor were marked done (they are read again
+    # after a restart, behind the first), and key b went on.
+    assert errors == [refused]
+    assert handled == [0, 2]
+    assert done == [2]
+    assert engine.metrics()["left_undone"] == 4
+    assert engine.in_flight == 0
+    assert engine.free_slots == engine.concurrency
 
 
 async def test_with_key_ordering_records_without_a_key_run_unordered():

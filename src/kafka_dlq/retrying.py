@@ -33,7 +33,11 @@ Decisions, each explained where it is made:
 - **Ordering.** :attr:`Ordering.UNORDERED` (default) runs records concurrently up to the limit, which the client
   layer's done-watermark commits support. :attr:`Ordering.KEY` runs the records of one key (per topic) one at a
   time in offset order, as Confluent's Parallel Consumer does in KEY mode: a later record of a key waits behind
-  one in retry, and starts only once that one is processed or its dead letter is delivered.
+  one in retry, and starts only once that one is processed or its dead letter is delivered. A record waiting
+  behind its key holds a concurrency slot as a running one does, so at most ``concurrency`` records are taken in
+  at once, running or waiting. When a record's dead letter cannot be written at all, its key stops: the records
+  queued behind it (and any later one of that key) are left undone, not marked done, so that after a restart
+  they are read again behind it, in order.
 """
 
 from __future__ import annotations
@@ -102,8 +106,10 @@ class Ordering(Enum):
     its own partition's commit watermark."""
     KEY = "key"
     """The records of one key (per topic) one at a time, in offset order; different keys concurrently. Costs: a
-    key's later records wait for the whole in-place retry of an earlier one (up to ``retry_budget``), and a hot
-    key gets one slot. Records without a key have nothing to order by: they run as in UNORDERED."""
+    key's later records wait for the whole in-place retry of an earlier one (up to ``retry_budget``); a hot key
+    runs one record at a time; and each record waiting behind its key holds a concurrency slot, so a hot key in
+    retry can take every slot and hold back the other keys until it moves. Records without a key have nothing to
+    order by: they run as in UNORDERED."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,6 +242,7 @@ class _Counters:
     retried_in_place: int = 0
     dead_lettered: int = 0
     dead_lettered_non_retryable: int = 0
+    left_undone: int = 0
     finished: int = 0
 
 
@@ -318,6 +325,7 @@ class RetryEngine:
                 "any number" if wanted is None else wanted,
             )
         self._lanes: dict[tuple[str, bytes], deque[KafkaRecord]] = {}
+        self._stopped_keys: set[tuple[str, bytes]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
 
@@ -332,8 +340,10 @@ class RetryEngine:
 
     @property
     def in_flight(self) -> int:
-        """Records submitted whose outcome is not durable yet (running, in backoff, or waiting behind their key)."""
-        return self.counters.received - self.counters.finished
+        """Records submitted whose outcome is not durable yet (running, in backoff, or waiting behind their key).
+        Records left undone (``left_undone``: cancelled, or given up with no durable outcome) are not in flight:
+        nothing more happens to them here, and they are read again after a restart."""
+        return self.counters.received - self.counters.finished - self.counters.left_undone
 
     @property
     def free_slots(self) -> int:
@@ -353,29 +363,37 @@ class RetryEngine:
             await self._freed.wait()
 
     async def submit(self, record: KafkaRecord) -> None:
-        """Start ``record``, waiting for a free slot first; with key ordering, queue it behind its key instead."""
-        lane_id = (record.topic, record.key) if self.ordering is Ordering.KEY and record.key is not None else None
-        if lane_id is not None and self._queue_behind(lane_id, record):
-            return
+        """Take ``record`` once a slot is free: start it, or with key ordering queue it behind its key. Either way
+        it holds its slot until its outcome is durable, so intake is bounded by ``concurrency``."""
         await self.room()
-        # While this waited for a slot, an earlier record of the same key may have opened the key's lane.
-        if lane_id is not None and self._queue_behind(lane_id, record):
-            return
         self._free -= 1
         self.counters.received += 1
-        if lane_id is not None:
-            self._lanes[lane_id] = deque([record])
-            self._spawn(self._run_lane(lane_id))
-        else:
+        if self.ordering is not Ordering.KEY or record.key is None:
             self._spawn(self._run_one(record))
-
-    def _queue_behind(self, lane_id: tuple[str, bytes], record: KafkaRecord) -> bool:
+            return
+        lane_id = (record.topic, record.key)
+        if lane_id in self._stopped_keys:
+            # An earlier record of this key has no durable outcome: running this one would overtake it.
+            self._leave_undone(record)
+            return
         lane = self._lanes.get(lane_id)
-        if lane is None:
-            return False
-        self.counters.received += 1
-        lane.append(record)
-        return True
+        if lane is not None:
+            lane.append(record)
+            return
+        self._lanes[lane_id] = deque([record])
+        self._spawn(self._run_lane(lane_id))
+
+    def _leave_undone(self, record: KafkaRecord) -> None:
+        """Give ``record`` up without an outcome: not marked done, so it is not committed and is read again."""
+        self.counters.left_undone += 1
+        self._release()
+        log.warning(
+            "%s/%d/%d is left undone behind an earlier record of its key that has no durable outcome; it is read "
+            "again after a restart",
+            record.topic,
+            record.partition,
+            record.offset,
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -393,18 +411,28 @@ class RetryEngine:
             self._release()
 
     async def _run_lane(self, lane_id: tuple[str, bytes]) -> None:
-        # One task per busy key holds one slot and works through the key's records in order; the next record of
-        # the key starts only once the previous one's outcome is durable.
+        # One task per busy key works through the key's records in order; the next record of the key starts only
+        # once the previous one's outcome is durable. Each record in the lane holds its own slot.
         lane = self._lanes[lane_id]
         try:
             while lane:
-                await self._guarded(lane[0])
+                durable = await self._guarded(lane[0])
                 lane.popleft()
+                self._release()
+                if not durable:
+                    # Marking the later records done would commit past the earlier one, whose redelivery would
+                    # then come after them: stop the key, leave its records for the next owner, in order.
+                    self._stopped_keys.add(lane_id)
+                    while lane:
+                        self._leave_undone(lane.popleft())
         finally:
+            # Cancelled: the records still queued (the running one included) give back their slots.
+            for _ in lane:
+                self._release()
             del self._lanes[lane_id]
-            self._release()
 
-    async def _guarded(self, record: KafkaRecord) -> None:
+    async def _guarded(self, record: KafkaRecord) -> bool:
+        """Process ``record``; True once its outcome is durable, False when it has none (reported to the owner)."""
         try:
             await self._process(record)
         except asyncio.CancelledError:
@@ -412,9 +440,12 @@ class RetryEngine:
         except Exception as exc:
             # A dead letter that could not be written at all (fatal client error, or a bug): the record is not
             # done, so it is read again after a restart; the owner must know, so it is reported, never swallowed.
+            self.counters.left_undone += 1
             log.exception("record %s/%d/%d has no durable outcome", record.topic, record.partition, record.offset)
             if self._on_error is not None:
                 self._on_error(exc)
+            return False
+        return True
 
     # ---------------------------------------------------------------- draining
 
@@ -437,8 +468,8 @@ class RetryEngine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        # Records cancelled in a lane never finished: count them out, so that in_flight reads 0 afterwards.
-        self.counters.finished = self.counters.received
+        # Records cancelled (running, in backoff or queued in a lane) have no outcome: they are read again.
+        self.counters.left_undone = self.counters.received - self.counters.finished
         return left
 
     def close(self) -> None:
@@ -456,73 +487,71 @@ class RetryEngine:
         previous_delay: float | None = None
         first_failure = history.first_failure
         life_first_failure: int | None = None
-        try:
-            while True:
-                in_place += 1
-                token = _ATTEMPT.set(
-                    Attempt(
-                        attempt=history.attempts + in_place,
-                        in_place_attempt=in_place,
-                        redrive_count=history.redrive_count,
-                        first_failure=first_failure,
-                    )
-                )
-                try:
-                    await self._call(view)
-                except Exception as exc:
-                    error: Exception | None = exc
-                else:
-                    error = None
-                finally:
-                    _ATTEMPT.reset(token)
-                if error is None:
-                    self.counters.processed += 1
-                    self._mark_done(record)
-                    return
-                self.counters.failed_attempts += 1
-                now = self._now_ms()
-                first_failure = now if first_failure is None else first_failure
-                life_first_failure = now if life_first_failure is None else life_first_failure
-                # The in-place policy counts this delivery's attempts: a redriven record with 9 attempts behind
-                # it still gets its short in-place retry; the carried count goes into its next dead letter.
-                decision = self.classifier.classify(
-                    error, policy=self.policy, attempts=in_place, first_failure_ms=life_first_failure, now_ms=now
-                )
-                # The attempt limit holds whatever the decision: a RetryLater(delay=0) skips the classifier's
-                # limits (the handler's word is explicit), and must not make the in-place loop spin for ever.
-                if not decision.parked and in_place < self.in_place_attempts:
-                    delay = decision.delay
-                    if delay is None:
-                        delay = self.policy.next_delay(in_place, rng=self._rng, previous_delay=previous_delay)
-                    # From the first call: the handler's own time counts, not only the backoffs.
-                    if self._clock() - started + delay <= self.retry_budget:
-                        self.counters.retried_in_place += 1
-                        log.debug(
-                            "%s/%d/%d failed (%s); retrying in place in %.3f s",
-                            record.topic,
-                            record.partition,
-                            record.offset,
-                            qualified_name(error),
-                            delay,
-                        )
-                        previous_delay = delay
-                        await self._sleep(delay)
-                        continue
-                # Parked for a reason other than the in-place limits: non-retryable, or the handler's ParkNow.
-                straight = decision.parked and decision.reason not in (Reason.MAX_ATTEMPTS, Reason.MAX_AGE)
-                await self._dead_letter(
-                    record,
-                    view,
-                    error,
-                    attempts=history.attempts + in_place,
-                    first_failure=first_failure,
-                    last_failure=now,
+        while True:
+            in_place += 1
+            token = _ATTEMPT.set(
+                Attempt(
+                    attempt=history.attempts + in_place,
+                    in_place_attempt=in_place,
                     redrive_count=history.redrive_count,
-                    straight=straight,
+                    first_failure=first_failure,
                 )
+            )
+            try:
+                await self._call(view)
+            except Exception as exc:
+                error: Exception | None = exc
+            else:
+                error = None
+            finally:
+                _ATTEMPT.reset(token)
+            if error is None:
+                self.counters.processed += 1
+                self._mark_done(record)
+                self.counters.finished += 1
                 return
-        finally:
-            self.counters.finished += 1
+            self.counters.failed_attempts += 1
+            now = self._now_ms()
+            first_failure = now if first_failure is None else first_failure
+            life_first_failure = now if life_first_failure is None else life_first_failure
+            # The in-place policy counts this delivery's attempts: a redriven record with 9 attempts behind
+            # it still gets its short in-place retry; the carried count goes into its next dead letter.
+            decision = self.classifier.classify(
+                error, policy=self.policy, attempts=in_place, first_failure_ms=life_first_failure, now_ms=now
+            )
+            # The attempt limit holds whatever the decision: a RetryLater(delay=0) skips the classifier's
+            # limits (the handler's word is explicit), and must not make the in-place loop spin for ever.
+            if not decision.parked and in_place < self.in_place_attempts:
+                delay = decision.delay
+                if delay is None:
+                    delay = self.policy.next_delay(in_place, rng=self._rng, previous_delay=previous_delay)
+                # From the first call: the handler's own time counts, not only the backoffs.
+                if self._clock() - started + delay <= self.retry_budget:
+                    self.counters.retried_in_place += 1
+                    log.debug(
+                        "%s/%d/%d failed (%s); retrying in place in %.3f s",
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        qualified_name(error),
+                        delay,
+                    )
+                    previous_delay = delay
+                    await self._sleep(delay)
+                    continue
+            # Parked for a reason other than the in-place limits: non-retryable, or the handler's ParkNow.
+            straight = decision.parked and decision.reason not in (Reason.MAX_ATTEMPTS, Reason.MAX_AGE)
+            await self._dead_letter(
+                record,
+                view,
+                error,
+                attempts=history.attempts + in_place,
+                first_failure=first_failure,
+                last_failure=now,
+                redrive_count=history.redrive_count,
+                straight=straight,
+            )
+            return
 
     async def _call(self, record: KafkaRecord) -> None:
         timeout = self.handler_timeout
@@ -590,6 +619,7 @@ class RetryEngine:
             dead_letter.failure.error_class,
         )
         self._mark_done(record)
+        self.counters.finished += 1
 
 
 # ---------------------------------------------------------------- the Kafka-backed consumer
@@ -731,7 +761,8 @@ class RetryingConsumer:
 
     def get_metrics(self) -> dict[str, int]:
         """Counters: received, processed, failed_attempts, retried_in_place, dead_lettered (of which
-        dead_lettered_non_retryable went straight there), in_flight, partitions_assigned, partitions_revoked."""
+        dead_lettered_non_retryable went straight there), left_undone (cancelled at a stop, or with no durable
+        outcome: read again after a restart), in_flight, partitions_assigned, partitions_revoked."""
         return {
             **self._engine.metrics(),
             "partitions_assigned": self._assigned,
