@@ -398,6 +398,52 @@ async def test_a_record_with_only_the_redrive_loop_guard_keeps_its_count_and_los
     assert c.dead_letters[0].attempts == 1
 
 
+async def test_a_record_back_from_a_redrive_with_its_attempts_and_first_failure_carries_them_forward():
+    # What `kafka-dlq redrive` leaves on a record it sends back: the attempts and first failure, and its loop
+    # guard; the rest of the dead letter's dlq.* headers are removed.
+    handler = Flaky(always={b"o1"})
+    record = KafkaRecord(
+        topic="orders",
+        partition=0,
+        offset=9,
+        key=b"o1",
+        value=b"v",
+        headers=(
+            ("traceparent", b"00-ab"),
+            ("dlq.attempts", b"4"),
+            ("dlq.first.failure", str(NOW - 60_000).encode()),
+            ("dlq.redrive.count", b"1"),
+        ),
+    )
+    async with consumer(handler) as c:
+        await c.submit(record)
+
+    assert all(seen.headers == (("traceparent", b"00-ab"),) for seen in handler.seen)
+    assert handler.attempts[0] == Attempt(attempt=5, in_place_attempt=1, redrive_count=1, first_failure=NOW - 60_000)
+    assert [a.attempt for a in handler.attempts] == [5, 6, 7]
+    [dead_letter] = c.dead_letters
+    assert (dead_letter.attempts, dead_letter.first_failure, dead_letter.redrive_count) == (4 + 3, NOW - 60_000, 1)
+    assert dead_letter.original.headers == (("traceparent", b"00-ab"),)
+
+
+async def test_a_redriven_history_out_of_range_is_not_carried_into_a_dead_letter_that_could_not_be_read():
+    handler = Flaky(fatal={b"o1"})
+    record = KafkaRecord(
+        topic="orders",
+        partition=0,
+        offset=0,
+        key=b"o1",
+        value=b"v",
+        headers=(("dlq.attempts", b"999999999999"), ("dlq.first.failure", b"999999999999999999")),
+    )
+    async with consumer(handler, classifier=Classifier(non_retryable=[KeyError])) as c:
+        await c.submit(record)
+
+    assert handler.attempts[0] == Attempt(attempt=1, in_place_attempt=1, redrive_count=0, first_failure=None)
+    [dead_letter] = c.dead_letters
+    assert (dead_letter.attempts, dead_letter.first_failure) == (1, NOW)
+
+
 async def test_current_attempt_outside_a_handler_says_where_it_works():
     with pytest.raises(LookupError, match="only available inside a handler"):
         current_attempt()

@@ -64,6 +64,7 @@ from kafka_dlq.classify import Classifier, qualified_name
 from kafka_dlq.errors import ClientClosedError, ConfigError, KafkaClientError, KafkaDLQError, RecordTooLargeError
 from kafka_dlq.formats import MAX_MESSAGE_BYTES, MAX_STACKTRACE_BYTES, EncodedRecord, decode, encode_native
 from kafka_dlq.formats import native as native_format
+from kafka_dlq.formats._common import MAX_ATTEMPTS, MAX_EPOCH_MS
 from kafka_dlq.formats.spring import DLT_PREFIX
 from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, KafkaRecord
 from kafka_dlq.kafka.record import Headers
@@ -192,8 +193,10 @@ class _History:
 _NO_HISTORY = _History()
 
 
-def _lenient_decimal(raw: bytes | None) -> int | None:
-    if raw is None or not raw.isdigit() or len(raw) > 18:
+def _lenient_decimal(raw: bytes | None, high: int) -> int | None:
+    # Out of range is as unreadable as not a number: carried into the next dead letter, it would make that one
+    # undecodable.
+    if raw is None or not raw.isdigit() or len(raw) > 18 or int(raw) > high:
         return None
     return int(raw)
 
@@ -215,8 +218,10 @@ def _history(record: KafkaRecord) -> tuple[KafkaRecord, _History]:
             record.offset,
             decoded.reason,
         )
-    # Only redrive's loop guard (dlq.redrive.count), or metadata too broken to decode: keep what parses. Our
-    # Spring-compatible copy follows our first header; anything before it belongs to the original record.
+    # What a redrive leaves on the record it sends back (dlq.attempts, dlq.first.failure and its loop guard
+    # dlq.redrive.count, the rest of the dead letter's headers removed), or metadata too broken to decode: keep
+    # what parses. Our Spring-compatible copy follows our first header; anything before it belongs to the
+    # original record.
     start = next(index for index, (name, _) in enumerate(record.headers) if name in native_format.HEADERS)
     headers: Headers = tuple(
         (name, value)
@@ -224,9 +229,9 @@ def _history(record: KafkaRecord) -> tuple[KafkaRecord, _History]:
         if name not in native_format.HEADERS and not (index > start and name.startswith(DLT_PREFIX))
     )
     history = _History(
-        attempts=_lenient_decimal(record.header(native_format.ATTEMPTS)) or 0,
-        first_failure=_lenient_decimal(record.header(native_format.FIRST_FAILURE)),
-        redrive_count=_lenient_decimal(record.header(native_format.REDRIVE_COUNT)) or 0,
+        attempts=_lenient_decimal(record.header(native_format.ATTEMPTS), MAX_ATTEMPTS) or 0,
+        first_failure=_lenient_decimal(record.header(native_format.FIRST_FAILURE), MAX_EPOCH_MS),
+        redrive_count=_lenient_decimal(record.header(native_format.REDRIVE_COUNT), MAX_ATTEMPTS) or 0,
     )
     return dataclasses.replace(record, headers=headers), history
 
