@@ -30,7 +30,8 @@ from kafka_dlq.retrying import (
     current_attempt,
     default_in_place_policy,
 )
-from kafka_dlq.testing.memory import MemoryRetryingConsumer
+from kafka_dlq.testing import memory
+from kafka_dlq.testing.memory import MemoryRetryingConsumer, StandInError
 
 NOW = 1_700_000_000_000
 POLICY = RetryPolicy(initial_delay=0.1, max_delay=2.0, multiplier=2, jitter=Jitter.NONE, max_attempts=3)
@@ -718,6 +719,51 @@ async def test_the_commit_waits_for_the_slowest_record_before_it():
     await c.drain()
     await c.close()
     assert c.committed() == {("orders", 0): 4}
+
+
+# ---------------------------------------------------------------- failures inside kafka-dlq
+
+
+async def test_a_failure_inside_kafka_dlq_is_raised_by_drain_not_left_in_a_list():
+    def broken_rule(context: object) -> None:
+        raise RuntimeError("rule has a bug")
+
+    handler = Flaky(always={b"o1"})
+    c = consumer(handler, classifier=Classifier(rule=broken_rule))
+    await c.deliver("orders", b"v", key=b"o1")
+
+    with pytest.raises(StandInError, match="rule has a bug") as raised:
+        await c.drain()
+    await c.close()
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert c.committed() == {}  # no durable outcome: nothing to commit
+    assert c.get_metrics()["left_undone"] == 1
+
+
+async def test_a_dead_letter_that_does_not_decode_back_fails_the_drain(monkeypatch):
+    monkeypatch.setattr(memory, "decode", lambda record: decode(with_a_broken_topic_header(record)))
+    handler = Flaky(fatal={b"o1"})
+
+    with pytest.raises(StandInError, match="cannot read back"):
+        async with consumer(handler, classifier=Classifier(non_retryable=[KeyError])) as c:
+            await c.deliver("orders", b"v", key=b"o1")
+    assert c.dead_letters == []
+    assert c.committed() == {}
+
+
+def with_a_broken_topic_header(record: KafkaRecord) -> KafkaRecord:
+    """The record with its original topic header broken, as a bug in the encoder would leave it."""
+    headers = tuple((n, b"" if n == "dlq.original.topic" else v) for n, v in record.headers)
+    return KafkaRecord(topic=record.topic, partition=record.partition, offset=record.offset, headers=headers)
+
+
+async def test_handler_exceptions_are_outcomes_not_errors():
+    handler = Flaky(fatal={b"o1"}, always={b"o2"})
+    async with consumer(handler, classifier=Classifier(non_retryable=[KeyError])) as c:
+        await c.deliver("orders", b"v", key=b"o1")
+        await c.deliver("orders", b"v", key=b"o2")
+    assert c.errors == []
+    assert len(c.dead_letters) == 2
 
 
 # ---------------------------------------------------------------- settings

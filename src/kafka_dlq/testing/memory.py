@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 from kafka_dlq.classify import Classifier
-from kafka_dlq.errors import ClientClosedError
+from kafka_dlq.errors import ClientClosedError, KafkaDLQError
 from kafka_dlq.formats import EncodedRecord, decode
 from kafka_dlq.kafka.offsets import PartitionOffsets
 from kafka_dlq.kafka.record import KafkaRecord
@@ -35,12 +35,17 @@ from kafka_dlq.policy import RetryPolicy
 from kafka_dlq.records import DeadLetter
 from kafka_dlq.retrying import Ordering, RecordHandler, RetryEngine
 
-__all__ = ["MemoryRetryingConsumer"]
+__all__ = ["MemoryRetryingConsumer", "StandInError"]
 
 TP = tuple[str, int]
 
 _SKIPPED: contextvars.ContextVar[float] = contextvars.ContextVar("kafka_dlq_memory_skipped", default=0.0)
 """Backoff seconds not waited for, per record task: its in-place budget runs on as though they had been."""
+
+
+class StandInError(KafkaDLQError, AssertionError):
+    """Something went wrong inside kafka-dlq, not in the handler: a dead letter it wrote does not decode, a dead
+    letter could not be written, a classifier rule raised. :meth:`MemoryRetryingConsumer.drain` raises it."""
 
 
 class MemoryRetryingConsumer:
@@ -52,7 +57,10 @@ class MemoryRetryingConsumer:
       would read); ``dead_letter_records``: those records, with their ``dlq.*`` headers, as written to
       ``dlq_topic``;
     - ``backoffs``: every in-place backoff taken, in seconds (not waited, unless ``wait_backoffs=True``);
-    - :meth:`committed`: the offsets a real consumer would have committed, per partition.
+    - :meth:`committed`: the offsets a real consumer would have committed, per partition;
+    - ``errors``: failures that are not the handler's (a bug in kafka-dlq, a classifier rule that raised):
+      :meth:`drain` raises the first of them, so that a test cannot pass over one. The handler's own exceptions
+      are outcomes (a retry, a dead letter), never errors.
 
     ``now_ms`` fixes the wall clock for failure times (default: the real clock). The in-place budget is measured
     as in production, handler time included; backoffs not waited for count as though they had been.
@@ -147,9 +155,19 @@ class MemoryRetryingConsumer:
         await self.engine.submit(record)
 
     async def drain(self, timeout: float | None = 30.0) -> None:
-        """Wait until every delivered record has its outcome; TimeoutError after ``timeout`` seconds."""
-        if not await self.engine.drain(timeout):
+        """Wait until every delivered record has its outcome; TimeoutError after ``timeout`` seconds. Raises the
+        first of ``errors`` (failures inside kafka-dlq, not the handler's), if any came."""
+        finished = await self.engine.drain(timeout)
+        self._raise_errors()
+        if not finished:
             raise TimeoutError(f"{self.engine.in_flight} records still in progress after {timeout} s")
+
+    def _raise_errors(self) -> None:
+        if not self.errors:
+            return
+        first = self.errors[0]
+        more = f" (and {len(self.errors) - 1} more in .errors)" if len(self.errors) > 1 else ""
+        raise StandInError(f"the retrying consumer failed inside kafka-dlq{more}: {first!r}") from first
 
     async def close(self) -> None:
         """Cancel what is still in progress and let go of the sync handlers' threads."""
@@ -197,10 +215,13 @@ class MemoryRetryingConsumer:
             headers=encoded.headers,
         )
         decoded = decode(written)
-        # Our own encoder's output must decode: anything else is a bug in kafka-dlq, and a test must say so.
-        assert isinstance(decoded, DeadLetter), decoded
+        # Our own encoder's output must decode: anything else is a bug in kafka-dlq, and a test must say so (the
+        # engine reports it, drain() raises it; the record, as in Kafka, is not marked done).
+        if not isinstance(decoded, DeadLetter):
+            raise StandInError(f"kafka-dlq wrote a dead letter it cannot read back: {decoded.reason}")
         original = dead_letter.original
-        assert original.partition is not None and original.offset is not None
+        if original.partition is None or original.offset is None:
+            raise StandInError(f"a dead letter without its original coordinates: {dead_letter.original}")
         self._dead_lettered.add(((original.topic, original.partition), original.offset))
         self.dead_letter_records.append(written)
         self.dead_letters.append(decoded)
