@@ -25,7 +25,7 @@ from kafka_dlq import redrive as redrive_module
 from kafka_dlq.cli import app
 from kafka_dlq.errors import KafkaDLQError, TopicNotFoundError
 from kafka_dlq.filters import RecordFilter
-from kafka_dlq.formats import decode, encode_native
+from kafka_dlq.formats import Undecodable, decode, encode_native, native
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.outcomes import Reason
@@ -48,6 +48,9 @@ from kafka_dlq.redrive import (
 from tests.helpers import committed_offsets, read_all, seed
 
 Wire = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]
+FIRST_FAILURE = 1_714_564_700_000
+HISTORY = [("dlq.attempts", b"3"), ("dlq.first.failure", b"%d" % FIRST_FAILURE)]
+"""The failure history every dead letter of ``dead_letter`` carries home when redriven."""
 
 
 def dead_letter(
@@ -74,6 +77,8 @@ def dead_letter(
             ),
             failure=Failure(error_class=error_class, message=message or f"failure {i}", stacktrace="Traceback ..."),
             attempts=3,
+            first_failure=FIRST_FAILURE,
+            last_failure=FIRST_FAILURE + 60_000,
             group="orders-service",
             redrive_count=redrive_count,
         )
@@ -104,15 +109,73 @@ def in_dlq(record: Wire, offset: int = 0) -> KafkaRecord:
     return KafkaRecord(topic="orders.dlq", partition=0, offset=offset, key=key, value=value, headers=tuple(headers))
 
 
-def test_a_redriven_record_is_the_original_with_its_redrive_count_one_higher():
+def test_a_redriven_record_is_the_original_with_its_failure_history_and_its_redrive_count_one_higher():
     out = redrive_record(decode(in_dlq(dead_letter("orders", 7, redrive_count=1))))
     assert not isinstance(out, Refusal)
     assert (out.topic, out.key, out.value) == ("orders", b"k7", b'{"i": 7}')
-    assert out.headers == (("seq", b"7"), ("traceparent", b"00-abc-01"), ("dlq.redrive.count", b"2"))
+    # The original headers, the attempt history the next consumer carries forward, the loop guard; no other dlq.*.
+    assert out.headers == (("seq", b"7"), ("traceparent", b"00-abc-01"), *HISTORY, ("dlq.redrive.count", b"2"))
     assert redrive_record(decode(in_dlq(dead_letter("orders", 7))), to="orders.replay").topic == "orders.replay"
 
 
+def test_a_dead_letter_in_a_foreign_format_goes_home_with_its_history_in_native_headers():
+    envelope = {
+        "original_topic": "orders",
+        "original_value": "v",
+        "error": "TimeoutError: slow",
+        "retry_count": 4,
+        "first_failure_time": 1_714_564_700,
+    }
+    record = KafkaRecord(
+        topic="orders.dlq",
+        partition=0,
+        offset=3,
+        timestamp=1_714_564_800_000,
+        value=json.dumps(envelope).encode(),
+        headers=(("tenant", b"acme"), ("dlq.note", b"stale"), ("dlq.redrive.count", b"1")),
+    )
+
+    out = redrive_record(decode(record))
+
+    assert not isinstance(out, Refusal)
+    assert out.topic == "orders" and out.value == b"v"
+    assert out.headers == (
+        ("tenant", b"acme"),
+        ("dlq.attempts", b"5"),  # four retries after the first failure
+        ("dlq.first.failure", b"1714564700000"),
+        ("dlq.redrive.count", b"2"),
+    )
+
+
 header_names = st.sampled_from(["seq", "tenant", "kafka_dlt-original-topic", "dlq.attempts", "dlq.redrive.count"])
+native_names = st.sampled_from(sorted(native.HEADERS))
+# What a broken (or merely unusual) native header may hold: bytes decode might refuse, and some it takes.
+header_values = (
+    st.none()
+    | st.binary(max_size=6)
+    | st.sampled_from(
+        [
+            b"abc",
+            b"",
+            b"-1",
+            b"-0",
+            b"007",
+            b" 3",
+            b"3 ",
+            b"1e3",
+            b"\xff\xfe",
+            b"\xc3\xa9",
+            b"manual",
+            b"Manual",
+            b"max_attempts",
+            b"9" * 21,
+            b"1000001",
+            b"2147483648",
+            b"253402300800000",
+            b"caf\xc3\xa9",
+        ]
+    )
+)
 
 
 @given(
@@ -122,20 +185,48 @@ header_names = st.sampled_from(["seq", "tenant", "kafka_dlt-original-topic", "dl
     headers=st.lists(st.tuples(header_names, st.none() | st.binary(max_size=4)), max_size=5),
     redrive_count=st.integers(0, 5),
     spring_compatible=st.booleans(),
+    broken=st.lists(st.tuples(st.integers(0, 40), native_names, header_values), max_size=4),
+    timestamp=st.none() | st.integers(0, 2**41),
 )
 def test_the_fast_path_reads_a_native_dead_letter_as_decode_does(
-    topic, key, value, headers, redrive_count, spring_compatible
+    topic, key, value, headers, redrive_count, spring_compatible, broken, timestamp
 ):
     dead = DeadLetter(
         original=OriginalRecord(topic=topic, key=key, value=value, headers=tuple(headers)),
         failure=Failure(error_class="builtins.KeyError"),
+        attempts=2,
         redrive_count=redrive_count,
     )
     encoded = encode_native(dead, spring_compatible=spring_compatible)
-    record = in_dlq((encoded.key, encoded.value, list(encoded.headers)))
+    wire = list(encoded.headers)
+    for position, name, data in broken:  # a header changed, repeated or added, before or after the valid one
+        wire.insert(min(position, len(wire)), (name, data))
+    record = KafkaRecord(
+        topic="orders.dlq", partition=0, offset=0, timestamp=timestamp, key=key, value=value, headers=tuple(wire)
+    )
+
     fast = _native_original(record)
-    assert fast is not None
-    assert redrive_record(fast) == redrive_record(decode(record))
+
+    # What the run does: the fast path where it can, decode where it cannot. A record decode refuses is refused.
+    assert redrive_record(fast or decode(record)) == redrive_record(decode(record))
+    if not broken:
+        assert fast is not None
+
+
+def test_the_fast_path_never_sends_a_record_decode_refuses():
+    for name, data in [
+        ("dlq.attempts", b"abc"),
+        ("dlq.original.offset", b"-5"),
+        ("dlq.reason", b"later"),
+        ("dlq.error.class", b"\xff"),
+        ("dlq.last.failure", b"99999999999999999"),
+    ]:
+        record = in_dlq(dead_letter("orders", 1))
+        record = KafkaRecord(
+            topic=record.topic, partition=0, offset=0, value=record.value, headers=(*record.headers, (name, data))
+        )
+        assert isinstance(decode(record), Undecodable), name
+        assert _native_original(record) is None, name
 
 
 def test_the_loop_guard_and_undecodable_records_are_refusals_with_a_reason():
@@ -224,7 +315,7 @@ async def test_redrive_with_a_filter_sends_exactly_the_matching_records_home(kaf
     assert set(got) == {b"k%d" % i for i in chosen}
     for i in chosen:
         home = orders if i % 2 else payments
-        headers = [("seq", b"%d" % i), ("traceparent", b"00-abc-01"), ("dlq.redrive.count", b"1")]
+        headers = [("seq", b"%d" % i), ("traceparent", b"00-abc-01"), *HISTORY, ("dlq.redrive.count", b"1")]
         assert got[b"k%d" % i] == (home, b'{"i": %d}' % i, headers)
 
     # The same redrive again resumes at the end: nothing twice. The rest stayed, and another filter finds them.
@@ -492,7 +583,12 @@ def test_a_redrive_killed_three_times_then_run_to_the_end_delivers_each_record_e
     for msg in home:  # record by record: the original key, value and headers, redriven once
         seq = int(dict(msg.headers())["seq"])
         assert (msg.key(), msg.value()) == (b"k%d" % seq, b'{"i": %d}' % seq + b" " * 60)
-        assert msg.headers() == [("seq", b"%d" % seq), ("traceparent", b"00-abc-01"), ("dlq.redrive.count", b"1")]
+        assert msg.headers() == [
+            ("seq", b"%d" % seq),
+            ("traceparent", b"00-abc-01"),
+            *HISTORY,
+            ("dlq.redrive.count", b"1"),
+        ]
 
 
 # ---------------------------------------------------------------- the benchmark

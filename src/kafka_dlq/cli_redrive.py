@@ -303,7 +303,7 @@ def redrive_command(
     header: HeaderOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Send dead letters back to their original topic: original key, value and headers, redrive count + 1.
+    """Send dead letters back to their original topic: original key, value and headers, attempts, redrive count + 1.
 
     Exactly once: killed at any point, the same command run again continues where it stopped.
 

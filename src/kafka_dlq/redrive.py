@@ -1,9 +1,11 @@
 """Operator tools over a dead-letter topic: peek at its records, redrive them home or park them, exactly once.
 
 ``redrive`` sends selected dead letters back to their original topic (or to ``to``) as they first were: the
-original key, value and headers, the ``dlq.*`` headers gone, and ``dlq.redrive.count`` one higher, so a record
-that keeps failing is refused once it has been redriven ``max_redrives`` times (the loop guard). ``park`` copies
-selected dead letters to the poison topic with reason ``manual``. Both, by default, exactly once:
+original key, value and headers, with their failure history (``dlq.attempts`` and ``dlq.first.failure``, so a
+record failing again carries its attempt count forward) and ``dlq.redrive.count`` one higher, so a record that
+keeps failing is refused once it has been redriven ``max_redrives`` times (the loop guard); every other ``dlq.*``
+header is gone. ``park`` copies selected dead letters to the poison topic with reason ``manual``. Both, by
+default, exactly once:
 
 - **Group.** A consumer group of the run's own, stable across reruns of the same (action, topic, filter,
   destination, loop-guard limit): ``kafka-dlq-redrive-<topic>-<hash>``. Records the filter skips commit too, so
@@ -44,8 +46,9 @@ from typing import Any, Literal
 
 from kafka_dlq.errors import ConfigError, KafkaClientError, KafkaDLQError, TopicNotFoundError
 from kafka_dlq.filters import RecordFilter
-from kafka_dlq.formats import MAX_ATTEMPTS, Undecodable, decode, encode_native
-from kafka_dlq.formats.native import REDRIVE_COUNT, TOPIC
+from kafka_dlq.formats import MAX_ATTEMPTS, Undecodable, decode, encode_native, native
+from kafka_dlq.formats._common import INT32_MAX, INT64_MAX, MAX_EPOCH_MS
+from kafka_dlq.formats.native import ATTEMPTS, FIRST_FAILURE, REDRIVE_COUNT, TOPIC
 from kafka_dlq.formats.spring import DLT_PREFIX
 from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, CommitMode, Headers, KafkaRecord, TransactionalProducer
 from kafka_dlq.kafka import next_offsets as _next_offsets
@@ -127,13 +130,21 @@ class Refusal:
 def redrive_record(
     decoded: DeadLetter | Undecodable, *, to: str | None = None, max_redrives: int = DEFAULT_MAX_REDRIVES
 ) -> Outgoing | Refusal:
-    """The original record, headed home (or to ``to``) with its redrive count one higher; or why not.
+    """The original record, headed home (or to ``to``) with its failure history and its redrive count one higher;
+    or why not.
+
+    The headers are the original record's own, then ``dlq.attempts`` and ``dlq.first.failure`` (as the native
+    format writes them, whatever format the dead letter came in), then ``dlq.redrive.count``: a consumer that fails
+    on the record again carries its attempt count forward. No other ``dlq.*`` header goes with it.
 
     >>> from kafka_dlq.records import OriginalRecord
-    >>> dead = DeadLetter(original=OriginalRecord(topic="orders", key=b"k", value=b"v", headers=(("h", b"1"),)))
-    >>> redrive_record(dead)
-    Outgoing(topic='orders', key=b'k', value=b'v', headers=(('h', b'1'), ('dlq.redrive.count', b'1')))
-    >>> redrive_record(replace(dead, redrive_count=3), max_redrives=3).kind
+    >>> original = OriginalRecord(topic="orders", key=b"k", value=b"v", headers=(("h", b"1"),))
+    >>> out = redrive_record(DeadLetter(original=original, attempts=3, first_failure=1714564800000))
+    >>> out.topic, out.key, out.value
+    ('orders', b'k', b'v')
+    >>> out.headers
+    (('h', b'1'), ('dlq.attempts', b'3'), ('dlq.first.failure', b'1714564800000'), ('dlq.redrive.count', b'1'))
+    >>> redrive_record(DeadLetter(original=original, redrive_count=3), max_redrives=3).kind
     'loop_guard'
     """
     if isinstance(decoded, Undecodable):
@@ -143,42 +154,74 @@ def redrive_record(
     original = decoded.original
     # Decoders drop the headers of their own format; any other dlq.* header is stale metadata, not the record's.
     headers = tuple((name, value) for name, value in original.headers if not name.startswith("dlq."))
+    headers += ((ATTEMPTS, str(decoded.attempts).encode()),)
+    if decoded.first_failure is not None:
+        headers += ((FIRST_FAILURE, str(decoded.first_failure).encode()),)
     headers += ((REDRIVE_COUNT, str(decoded.redrive_count + 1).encode()),)
     return Outgoing(to or original.topic, original.key, original.value, headers)
 
 
-def _native_original(record: KafkaRecord) -> DeadLetter | None:
-    """What a redrive needs of a native dead letter (original topic and headers, redrive count), and only that.
+_NUMBERS = {
+    native.PARTITION: INT32_MAX,
+    native.OFFSET: INT64_MAX,
+    native.TIMESTAMP: MAX_EPOCH_MS,
+    ATTEMPTS: MAX_ATTEMPTS,
+    FIRST_FAILURE: MAX_EPOCH_MS,
+    native.LAST_FAILURE: MAX_EPOCH_MS,
+    REDRIVE_COUNT: MAX_ATTEMPTS,
+}
+"""The native headers ``decode`` reads as decimal numbers, and the highest value it accepts for each."""
+_TEXTS = (native.GROUP, native.ERROR_CLASS, native.ERROR_MESSAGE, native.ERROR_STACKTRACE)
+_REASONS = frozenset(reason.value.encode() for reason in Reason)
 
-    ``decode`` checks every metadata header; a redrive without criteria on the failure reads three, in a third
-    of the time (decoding was half of a redrive's work). None when the record is not plainly native: ``decode``
-    then says what it is. The original headers are ``decode``'s: ours dropped, and the Spring-compatible copy
-    written after our topic header.
+
+def _native_original(record: KafkaRecord) -> DeadLetter | None:
+    """What a redrive needs of a native dead letter (original topic and headers, failure history, redrive count),
+    and only that; None unless ``decode`` would read the record as a dead letter too.
+
+    ``decode`` builds the whole dead letter; a redrive without criteria on the failure needs a few fields, in
+    half of the time (decoding was half of a redrive's work). Every native header ``decode`` checks is checked
+    here, at least as strictly (a number must be plain digits): None when one might not pass, for ``decode`` to
+    say what it is, so that a record ``decode`` refuses is never sent. The original headers are ``decode``'s:
+    ours dropped, and the Spring-compatible copy written after our topic header.
     """
     headers = record.headers
-    topic = count = None
-    last = -1
-    for index, (name, value) in enumerate(headers):
-        if name == TOPIC:
-            topic, last = value, index
-        elif name == REDRIVE_COUNT:
-            count = value
+    last = dict(headers)  # the last of a repeated header is the one read, as in decode
+    topic = last.get(TOPIC)
     if not topic:
         return None
     try:
         home = topic.decode()
     except UnicodeDecodeError:
         return None
-    if count is not None and not (count.isdigit() and int(count) <= MAX_ATTEMPTS):
+    numbers: dict[str, int] = {}
+    for name, high in _NUMBERS.items():
+        raw = last.get(name)
+        if raw is not None:
+            if not (raw.isdigit() and len(raw) <= 20) or int(raw) > high:
+                return None
+            numbers[name] = int(raw)
+    for name in _TEXTS:
+        raw = last.get(name)
+        if raw is not None and not raw.isascii():
+            try:
+                raw.decode()
+            except UnicodeDecodeError:
+                return None
+    reason = last.get(native.REASON)
+    if reason is not None and reason not in _REASONS:
         return None
+    start = max(index for index, (name, _) in enumerate(headers) if name == TOPIC)
     original = tuple(
         (name, value)
         for index, (name, value) in enumerate(headers)
-        if not name.startswith("dlq.") and not (index > last and name.startswith(DLT_PREFIX))
+        if not name.startswith("dlq.") and not (index > start and name.startswith(DLT_PREFIX))
     )
     return DeadLetter(
         original=OriginalRecord(topic=home, key=record.key, value=record.value, headers=original),
-        redrive_count=0 if count is None else int(count),
+        attempts=numbers.get(ATTEMPTS, 1),
+        first_failure=numbers.get(FIRST_FAILURE, record.timestamp),
+        redrive_count=numbers.get(REDRIVE_COUNT, 0),
     )
 
 
