@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from redis.asyncio.connection import Connection as RedisConnection
 
-from kafka_dlq.breaker import BreakerSettings
+from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier
 from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.handler import DLQHandler
@@ -429,7 +429,7 @@ async def test_with_waitaof_each_schedule_write_waits_on_its_own_connection(redi
         # (More than one when the server did not know the script yet: loaded, then sent again.)
         assert writes, redis_sends
         for send in writes:
-            assert b"EVALSHA" in send and send.index(b"EVALSHA") < send.index(b"WAITAOF"), send
+            assert b"EVALSHA" in send and b"WAITAOF" in send.partition(b"EVALSHA")[2], send
         assert await schedule.client.hexists(schedule.keys["body"], _entry(1).id)
         if real:
             claimed, _ = await schedule.claim(10, 30)
@@ -444,3 +444,196 @@ def test_a_waitaof_reply_without_the_local_fsync_is_an_error():
     for reply in ([0, 0], [0, 3], None, []):
         with pytest.raises(ScheduleError, match="append-only file"):
             check_waitaof(reply)
+
+
+# ---------------------------------------------------------------- the circuit breaker
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_half_open_circuit_lets_one_trial_through_and_its_verdict_decides():
+    clock = _Clock()
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=2, open_seconds=10), clock=clock)
+    breaker.failure()
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN and not breaker.allow()
+
+    clock.now = 10
+    assert breaker.allow()  # the trial
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert not breaker.allow()  # one trial at a time
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN and breaker.times_opened == 2
+
+    clock.now = 20
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state is CircuitState.CLOSED and breaker.allow()
+
+
+def test_a_trial_that_ends_without_a_verdict_frees_the_next_trial():
+    clock = _Clock()
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=1, open_seconds=1), clock=clock)
+    breaker.failure()
+    clock.now = 1
+    assert breaker.allow()
+
+    breaker.abandon()  # the trial was parked for its content, or cancelled: it says nothing of the downstream
+
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.allow()  # not stuck behind a trial that will never report
+
+
+async def test_a_half_open_trial_that_parks_its_record_does_not_leave_the_circuit_stuck(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"o{i}".encode(), b"v") for i in range(6)]
+    )
+    phase = {"now": "down"}
+    calls: list[tuple[bytes, str]] = []
+
+    async def downstream(dl: DeadLetter) -> None:
+        calls.append((dl.original.key or b"", phase["now"]))
+        if phase["now"] == "down":
+            raise ConnectionError("billing unavailable")
+        if phase["now"] == "park the trial":
+            phase["now"] = "up"
+            raise ParkNow("customer closed the account", reason=Reason.NON_RETRYABLE)
+
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": downstream},
+        policies=RetryPolicy(initial_delay=0.05, max_delay=0.1, max_attempts=50),
+        breaker=BreakerSettings(failure_threshold=2, open_seconds=0.5),
+        concurrency=1,
+    ) as handler:
+        await wait_for(lambda: handler.breaker("orders").state is CircuitState.OPEN, 15, "the circuit to open")
+        phase["now"] = "park the trial"  # the next call is the half-open trial, and it parks its record
+        await wait_for(
+            lambda: handler.get_metrics()["recovered"] + handler.get_metrics()["parked"] == 6,
+            20,
+            "every record recovered or parked after the trial",
+        )
+        metrics = handler.get_metrics()
+        state = handler.breaker("orders").state
+    assert [when for _, when in calls].count("park the trial") == 1
+    assert metrics["parked"] == 1 and metrics["recovered"] == 5
+    assert state is CircuitState.CLOSED
+
+
+async def test_claims_waiting_for_a_slot_are_deferred_once_the_circuit_opens(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"o{i}".encode(), b"v") for i in range(10)]
+    )
+    calls: list[bytes] = []
+
+    async def downstream(dl: DeadLetter) -> None:
+        calls.append(dl.original.key or b"")
+        await asyncio.sleep(0.05)
+        raise ConnectionError("billing unavailable")
+
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": downstream},
+        breaker=BreakerSettings(failure_threshold=1, open_seconds=60),
+        concurrency=1,
+    ) as handler:
+        await wait_for(lambda: handler.get_metrics()["deferred"] == 9, 15, "the other nine deferred")
+        metrics = handler.get_metrics()
+    # The first failure opened the circuit; the nine queued behind it for the one slot never reached the downstream.
+    assert len(calls) == 1
+    assert metrics["retried"] == 1 and metrics["deferred"] == 9
+
+
+async def test_records_parked_for_their_content_do_not_open_the_circuit(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    records = [dead_letter("orders", f"bad{i}".encode(), b"v") for i in range(5)]
+    records += [dead_letter("orders", f"good{i}".encode(), b"v") for i in range(3)]
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
+
+    async def process(dl: DeadLetter) -> None:
+        key = dl.original.key or b""
+        if key.startswith(b"bad"):
+            if key.endswith(b"4"):
+                raise ParkNow("refund already issued")
+            raise KeyError(f"customer {key!r} deleted")
+
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": process},
+        classifier=Classifier(non_retryable=[KeyError]),
+        breaker=BreakerSettings(failure_threshold=2, open_seconds=60),
+        concurrency=1,
+    ) as handler:
+        await wait_for(
+            lambda: handler.get_metrics()["parked"] == 5 and handler.get_metrics()["recovered"] == 3,
+            15,
+            "5 parked and 3 recovered",
+        )
+        metrics = handler.get_metrics()
+        breaker = handler.breaker("orders")
+    assert breaker.state is CircuitState.CLOSED and breaker.times_opened == 0
+    assert metrics["deferred"] == 0
+
+
+# ---------------------------------------------------------------- leases
+
+
+async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    total = 8
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"q{i}".encode(), b"v") for i in range(total)]
+    )
+    calls: Counter[bytes] = Counter()
+    running: set[bytes] = set()
+    overlaps: list[bytes] = []
+
+    async def slow(dl: DeadLetter) -> None:
+        key = dl.original.key or b""
+        calls[key] += 1
+        if key in running:
+            overlaps.append(key)
+        running.add(key)
+        await asyncio.sleep(0.25)
+        running.discard(key)
+
+    # One slot, eight claims, a 1 s lease: the last claim waits ~1.75 s for its slot, past its lease.
+    async with _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": slow},
+        concurrency=1,
+        processor_timeout=0.5,
+        lease=1.0,
+    ) as handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == total, 30, "all recovered")
+        await wait_for(lambda: not handler._active, 5, "no attempt left running")
+        pending = await handler.schedule.pending()
+        lost = handler.metrics.lost_claims.labels(handler.name)._value.get()
+    assert calls == Counter({f"q{i}".encode(): 1 for i in range(total)})
+    assert overlaps == []
+    assert lost == 0
+    assert pending["total"] == 0

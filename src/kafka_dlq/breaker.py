@@ -65,6 +65,15 @@ class CircuitBreaker:
             return max(0.05, self.settings.open_seconds - (self._clock() - self.opened_at))
         return 0.25  # half open: the trial decides soon
 
+    def abandon(self) -> None:
+        """End the half-open trial without a verdict: it ended in a way that says nothing about the downstream
+        (parked for its content, cancelled by a shutdown, its claim lost). The next call may be the trial.
+
+        Only the caller that got the trial from :meth:`allow` calls this; without it the circuit would stay half
+        open with a trial that never ends, deferring every retry of the topic for good.
+        """
+        self._trial_running = False
+
     def success(self) -> None:
         self.failures = 0
         self._trial_running = False

@@ -19,7 +19,7 @@ from dataclasses import replace
 from enum import Enum
 from typing import Any
 
-from kafka_dlq.breaker import BreakerSettings, CircuitBreaker
+from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier, Decision, qualified_name
 from kafka_dlq.errors import ConfigError, KafkaDLQError, RecordTooLargeError
 from kafka_dlq.formats import MAX_MESSAGE_BYTES, MAX_STACKTRACE_BYTES, Undecodable, decode, encode_native
@@ -49,6 +49,15 @@ class Mode(Enum):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _downstream_failed(exc: Exception, decision: Decision) -> bool:
+    """Does this failed call count against the circuit? Only a failure worth retrying does (or one that would be,
+    but ran out of attempts or time): a record parked for its content, by the processor's ParkNow or as
+    non-retryable, says nothing about the downstream."""
+    if isinstance(exc, ParkNow):
+        return False
+    return decision.outcome is Outcome.RETRY or decision.reason in (Reason.MAX_ATTEMPTS, Reason.MAX_AGE)
 
 
 def _cap(text: str, limit: int) -> str:
@@ -375,30 +384,54 @@ class DLQHandler:
     async def _attempt(self, claimed: Claimed) -> None:
         dead_letter = claimed.entry.dead_letter
         topic = dead_letter.original.topic
+        breaker: CircuitBreaker | None = None
+        trial = False  # this call holds the half-open trial, which must end whatever happens
         try:
             target = self._target(topic)
             if target is None:
                 await self._finish_parked(claimed, Decision.park(Reason.NO_PROCESSOR, f"no processor for {topic!r}"))
                 return
             breaker = self.breaker(topic)
-            if not breaker.allow():
+            semaphore = self._semaphores.setdefault(topic, asyncio.Semaphore(self.concurrency))
+            kept = await self._acquire(semaphore, claimed)
+            if kept is None:
+                self.metrics.lost_claims.labels(self.name).inc()
+                return
+            claimed = kept
+            deferred = False
+            try:
+                # Asked once a slot is free, not before: a claim that queued for the slot while the circuit
+                # opened must not call the downstream.
+                if breaker.allow():
+                    trial = breaker.state is CircuitState.HALF_OPEN
+                    started = time.perf_counter()
+                    try:
+                        self.processor_calls += 1
+                        await self._call(target, dead_letter)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
+                        decision, updated = self._judge(claimed.entry, exc)
+                        if _downstream_failed(exc, decision):
+                            breaker.failure()
+                        elif trial:
+                            breaker.abandon()
+                        trial = False
+                        self.metrics.circuit.labels(self.name, topic).set(breaker.state.gauge)
+                        await self._failed(claimed, updated, decision)
+                        return
+                    self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
+                    breaker.success()
+                    trial = False
+                else:
+                    deferred = True
+            finally:
+                semaphore.release()
+            if deferred:
                 await self.schedule.defer(claimed, _now_ms() + int(breaker.retry_in() * 1000))
                 self.metrics.count("deferred", topic)
                 return
-            semaphore = self._semaphores.setdefault(topic, asyncio.Semaphore(self.concurrency))
-            async with semaphore:
-                started = time.perf_counter()
-                try:
-                    self.processor_calls += 1
-                    await self._call(target, dead_letter)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
-                    await self._failed(claimed, exc, breaker)
-                    return
-                self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
-            breaker.success()
             if await self.schedule.finish(claimed, Outcome.RECOVERED, history={"topic": topic}):
                 self.metrics.count("recovered", topic)
             else:
@@ -410,6 +443,35 @@ class DLQHandler:
             raise
         except KafkaDLQError as exc:
             log.error("handler %s: %s: %s; the entry returns when its lease expires", self.name, claimed.entry.id, exc)
+        finally:
+            if trial and breaker is not None:
+                breaker.abandon()  # no verdict reached (cancelled, claim lost, an error of ours): free the trial
+
+    async def _acquire(self, semaphore: asyncio.Semaphore, claimed: Claimed) -> Claimed | None:
+        """Wait for a slot of the topic's concurrency, keeping the claim's lease alive meanwhile.
+
+        Returns the claim (renewed if it had to be) holding a slot, with a lease that outlasts a call of
+        ``processor_timeout``; None when the claim was lost, and then no slot is held and the record must not be
+        called. Without this a claim queued here past its lease would be claimed again (by this instance or
+        another) and the record processed twice at once.
+        """
+        lease_ms = self.lease * 1000
+        # Renew once less than a call's time plus half the lease's slack is left: room for the renewal itself.
+        keep_ms = self.processor_timeout * 1000 + (self.lease - self.processor_timeout) * 500
+        while True:
+            wait = (claimed.claimed_at_ms + lease_ms - keep_ms - _now_ms()) / 1000
+            if wait > 0:
+                if not semaphore.locked():
+                    await semaphore.acquire()
+                    return claimed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await semaphore.acquire()
+                        return claimed
+            renewed = await self.schedule.renew(claimed, self.lease)
+            if renewed is None:
+                return None
+            claimed = renewed
 
     async def _call(self, target: Processor, dead_letter: DeadLetter) -> None:
         # asyncio.timeout, not wait_for: no extra task per call on the hot path.
@@ -421,20 +483,16 @@ class DLQHandler:
                 if inspect.isawaitable(result):
                     await result
 
-    async def _failed(self, claimed: Claimed, exc: Exception, breaker: CircuitBreaker) -> None:
-        if not isinstance(exc, ParkNow):
-            breaker.failure()
-            self.metrics.circuit.labels(self.name, claimed.entry.dead_letter.original.topic).set(breaker.state.gauge)
-        entry = claimed.entry
+    def _judge(self, entry: Entry, exc: Exception) -> tuple[Decision, Entry]:
+        """What a failed call means for the entry: the decision, and the entry with this failure counted."""
         dead_letter = entry.dead_letter
-        topic = dead_letter.original.topic
         now = _now_ms()
         failure = Failure(
             error_class=qualified_name(exc),
             message=_cap(str(exc), MAX_MESSAGE_BYTES),
             stacktrace=_cap("".join(traceback.format_exception(exc)), MAX_STACKTRACE_BYTES),
         )
-        policy = self.policies.for_topic(topic)
+        policy = self.policies.for_topic(dead_letter.original.topic)
         attempts = dead_letter.attempts + 1
         first = dead_letter.first_failure if dead_letter.first_failure is not None else now
         decision = self.classifier.classify(exc, policy=policy, attempts=attempts, first_failure_ms=first, now_ms=now)
@@ -443,14 +501,19 @@ class DLQHandler:
             dead_letter=replace(dead_letter, failure=failure, attempts=attempts, first_failure=first, last_failure=now),
             handler_failures=entry.handler_failures + 1,
         )
+        return decision, updated
+
+    async def _failed(self, claimed: Claimed, updated: Entry, decision: Decision) -> None:
+        topic = updated.dead_letter.original.topic
         if decision.outcome is Outcome.PARKED:
             await self._finish_parked(replace(claimed, entry=updated), decision, original_claim=claimed)
             return
         delay = decision.delay
         if delay is None:
-            delay = policy.next_delay(updated.handler_failures, rng=self._rng, previous_delay=entry.last_delay)
+            policy = self.policies.for_topic(topic)
+            delay = policy.next_delay(updated.handler_failures, rng=self._rng, previous_delay=claimed.entry.last_delay)
         updated = replace(updated, last_delay=delay)
-        if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=now + int(delay * 1000)):
+        if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=_now_ms() + int(delay * 1000)):
             self.metrics.count("retried", topic)
             self.metrics.retry_delay.labels(self.name).observe(delay)
         else:

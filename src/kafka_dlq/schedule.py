@@ -170,6 +170,13 @@ table.insert(out, 1, next_due)
 return out
 """
 
+# KEYS: inflight, claims.  ARGV: id, token, new lease deadline (epoch ms). 1: renewed; 0: the claim is not ours.
+_RENEW = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"""
+
 # KEYS: due, inflight, body, claims, done, history:recovered, history:parked.
 # ARGV: now_ms, history_max, history_ttl_s, done_keep_ms, n, then n groups of 6: id, token, outcome ('retry',
 # 'recovered', 'parked'), due_ms, body, history_item. Returns one 1/0 per entry: 0 when the claim is no longer
@@ -305,7 +312,7 @@ class RedisSchedule:
         self.aof_enabled = bool(persistence.get("aof_enabled"))
         major_minor = tuple(int(p) for p in self.server_version.split(".")[:2] if p.isdigit())
         self.waitaof = self.aof_enabled and major_minor >= (7, 2)
-        for name, source in (("schedule", _SCHEDULE), ("claim", _CLAIM), ("finish", _FINISH)):
+        for name, source in (("schedule", _SCHEDULE), ("claim", _CLAIM), ("renew", _RENEW), ("finish", _FINISH)):
             self._scripts[name] = self._client.register_script(source)
 
     async def stop(self) -> None:
@@ -397,6 +404,16 @@ class RedisSchedule:
         next_due = int(reply[0])
         claimed = [Claimed(decode_entry(reply[i + 1]), token, now) for i in range(1, len(reply), 2)]
         return claimed, (None if next_due < 0 else next_due)
+
+    async def renew(self, claimed: Claimed, lease: float, now_ms: int | None = None) -> Claimed | None:
+        """Extend a claim's lease to ``lease`` seconds from now; None when the claim is no longer ours (its lease
+        expired and another claim took the entry), and then nothing changes."""
+        now = _now_ms() if now_ms is None else now_ms
+        k = self.keys
+        ok = await self._run(
+            "renew", [k["inflight"], k["claims"]], [claimed.entry.id, claimed.token, now + int(lease * 1000)]
+        )
+        return Claimed(claimed.entry, claimed.token, now) if int(ok) else None
 
     async def finish(
         self,
