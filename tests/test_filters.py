@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kafka_dlq.errors import ConfigError
-from kafka_dlq.filters import RecordFilter, parse_header, parse_offsets, parse_time
+from kafka_dlq.filters import RecordFilter, check_resumable, is_relative, parse_header, parse_offsets, parse_time
 from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
@@ -159,6 +159,24 @@ def test_times_are_read_in_every_spelling_an_operator_uses(text, expected):
 def test_a_time_that_is_none_of_them_says_which_spellings_work():
     with pytest.raises(ConfigError, match="ISO-8601"):
         parse_time("yesterday", now_ms=T0)
+
+
+def test_a_duration_ago_is_relative_and_every_other_spelling_of_a_time_is_absolute():
+    assert all(is_relative(text) for text in ("2h", "90m", " 7d", "1.5h", "500ms"))
+    assert not any(is_relative(text) for text in ("2024-05-01T12:00:00Z", "1714564800", "1714564800000"))
+
+
+def test_a_real_run_with_a_relative_time_needs_a_named_group_to_resume():
+    # "2h" resolves to another moment on each run: the default group, named after the filter, would change too.
+    with pytest.raises(ConfigError) as refused:
+        check_resumable({"--since": "2024-05-01T10:00:00Z", "--until": "2h"}, group=None, now_ms=T0)
+    message = str(refused.value)
+    assert message.startswith("--until '2h' is relative to now")
+    assert "--until 2024-05-01T10:00:00Z is what it means now" in message and "--group NAME" in message
+    check_resumable({"--since": "2h", "--until": None}, group="orders-replay", now_ms=T0)
+    check_resumable({"--since": "2024-05-01T10:00:00Z", "--until": "1714564800"}, group=None, now_ms=T0)
+    with pytest.raises(ConfigError, match='"group": "NAME"'):
+        check_resumable({"since": "30m"}, group=None, group_option='"group": "NAME"', now_ms=T0)
 
 
 def test_offset_ranges_and_headers_are_read_from_their_command_line_forms():

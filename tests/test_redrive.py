@@ -533,6 +533,31 @@ def test_commands_read_kafka_from_the_environment_and_print_one_json_document(ka
     assert nowhere.exit_code == 1 and "KAFKA_DLQ_BOOTSTRAP_SERVERS" in nowhere.output
 
 
+def test_a_real_redrive_or_park_with_a_relative_time_needs_a_group_so_that_a_rerun_resumes(
+    kafka_bootstrap, new_topic, unique_name
+):
+    dlq, orders = new_topic(1), new_topic(1)
+    seed(kafka_bootstrap, dlq, [dead_letter(orders, i) for i in range(4)])
+    runner = CliRunner()
+    env = {"KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    group = unique_name("replay")
+
+    refused = runner.invoke(app, ["redrive", dlq, "--since", "1h", "--json"], env=env)
+    refused_park = runner.invoke(app, ["park", dlq, "--until", "1m", "--poison-topic", orders, "--yes"], env=env)
+    dry = runner.invoke(app, ["redrive", dlq, "--since", "1h", "--dry-run", "--json"], env=env)
+    first = runner.invoke(app, ["redrive", dlq, "--since", "1h", "--group", group, "--json"], env=env)
+    rerun = runner.invoke(app, ["redrive", dlq, "--since", "1h", "--group", group, "--json"], env=env)
+
+    for result in (refused, refused_park):
+        assert result.exit_code == 1, result.output
+        assert "is relative to now" in result.output and "--group NAME" in result.output
+        assert "absolute time" in result.output
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["sent"] == {orders: 4}
+    assert first.exit_code == 0 and json.loads(first.stdout)["sent"] == {orders: 4}
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["sent"] == {}  # an hour ago is later now: same group
+    assert len(read_all(kafka_bootstrap, orders, idle=1.0)) == 4  # the refused runs sent nothing
+
+
 @pytest.mark.slow
 def test_a_redrive_killed_three_times_then_run_to_the_end_delivers_each_record_exactly_once(kafka_bootstrap, new_topic):
     total = 100_000

@@ -133,6 +133,27 @@ async def test_a_real_redrive_with_the_token_moves_exactly_the_matching_records(
     assert all(dict(msg.headers())["dlq.redrive.count"] == b"1" for msg in moved)
 
 
+async def test_a_real_redrive_with_a_relative_time_needs_a_group_and_then_resumes(
+    kafka_bootstrap, new_topic, unique_name
+):
+    dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k%d" % i) for i in range(3)])
+    body = {"topic": dlq, "dry_run": False, "since": "1h"}
+    group = unique_name("api-replay")
+
+    async with served(create_app(bootstrap_servers=kafka_bootstrap, token=TOKEN)) as api:
+        refused = await api.post("/api/redrive", json=body, headers=AUTH)
+        dry = await api.post("/api/redrive", json={**body, "dry_run": True}, headers=AUTH)
+        first = await api.post("/api/redrive", json={**body, "group": group}, headers=AUTH)
+        again = await api.post("/api/redrive", json={**body, "group": group}, headers=AUTH)
+
+    assert refused.status_code == 422 and refused.json()["field"] == "since"
+    assert "relative to now" in refused.json()["error"] and '"group"' in refused.json()["error"]
+    assert dry.status_code == 200 and dry.json()["sent"] == {home: 3}
+    assert first.status_code == 200 and first.json()["sent"] == {home: 3} and first.json()["group"] == group
+    assert again.json()["sent"] == {}  # the same call again resumes: the group is named, not derived from "1h"
+    assert await records_in(kafka_bootstrap, home) == [b"k0", b"k1", b"k2"]
+
+
 async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic):
     dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k%d" % i) for i in range(4)])
     body = {"topic": dlq, "dry_run": False, "rate": 2}  # 4 records at 2 a second: about 2 s

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from kafka_dlq.cli import JsonOption, _emit, _fail, app, console
 from kafka_dlq.errors import ConfigError, KafkaDLQError
-from kafka_dlq.filters import RecordFilter, parse_header, parse_offsets, parse_time
+from kafka_dlq.filters import RecordFilter, check_resumable, parse_header, parse_offsets, parse_time
 from kafka_dlq.redrive import DEFAULT_MAX_REDRIVES, Guarantee, PeekReport, RunReport, park, peek, redrive
 
 T = TypeVar("T")
@@ -45,7 +45,8 @@ KafkaOption = Annotated[
 SinceOption = Annotated[
     str | None,
     typer.Option(
-        help="Dead letters written at or after: ISO-8601, epoch s or ms, or a duration ago (2h).",
+        help="Dead letters written at or after: ISO-8601, epoch s or ms, or a duration ago (2h; a real redrive or "
+        "park takes a duration only with --group, so that a rerun resumes).",
         rich_help_panel="Filters",
     ),
 ]
@@ -88,7 +89,10 @@ HeaderOption = Annotated[
 ]
 GroupOption = Annotated[
     str | None,
-    typer.Option(help="Consumer group of the run; by default one per topic, filter and destination (reruns resume)."),
+    typer.Option(
+        help="Consumer group of the run; by default one per topic, filter and destination (reruns resume). "
+        "Needed with a relative --since or --until (2h), which names another range each run."
+    ),
 ]
 RateOption = Annotated[float | None, typer.Option(help="Records sent per second, at most.")]
 DryRunOption = Annotated[
@@ -314,6 +318,8 @@ def redrive_command(
     try:
         servers, settings = _connection(bootstrap, kafka)
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
+        if not dry_run:
+            check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
     with _progress(f"redrive {topic}", not as_json) as progress:
@@ -366,6 +372,8 @@ def park_command(
     try:
         servers, settings = _connection(bootstrap, kafka)
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
+        if not dry_run:
+            check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
 

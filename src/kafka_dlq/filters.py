@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,7 +42,7 @@ from kafka_dlq.formats import Undecodable
 from kafka_dlq.kafka.record import KafkaRecord
 from kafka_dlq.records import DeadLetter
 
-__all__ = ["RecordFilter", "parse_header", "parse_offsets", "parse_time"]
+__all__ = ["RecordFilter", "check_resumable", "is_relative", "parse_header", "parse_offsets", "parse_time"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +207,48 @@ def parse_time(text: str, *, now_ms: int) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)  # as the dead-letter formats read times without an offset
     return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+def is_relative(text: str) -> bool:
+    """True for a moment written as a duration ago (``2h``): it means another moment each time it is read.
+
+    >>> is_relative("2h"), is_relative(" 90m "), is_relative("2024-05-01T12:00:00Z"), is_relative("1714564800")
+    (True, True, False, False)
+    """
+    return _DURATION.fullmatch(text.strip()) is not None
+
+
+def check_resumable(
+    times: Mapping[str, str | None], *, group: str | None, group_option: str = "--group", now_ms: int
+) -> None:
+    """Refuse a real redrive or park whose time range is relative to now unless it names its consumer group.
+
+    ``times`` maps each option (``--since``, ``--until``) to its text as given. A run's default group is named
+    after its filter, with times resolved to epoch milliseconds: run again later, ``2h`` is another moment, so
+    another group, which starts from the beginning and sends every record again. An absolute time, or a group
+    the operator names, makes a rerun resume where the last run stopped. Dry runs commit nothing: no need.
+
+    >>> check_resumable({"--since": "2h"}, group="orders-replay", now_ms=0)  # a named group resumes
+    >>> check_resumable({"--since": "2h"}, group=None, now_ms=1714564800000)
+    Traceback (most recent call last):
+    ...
+    kafka_dlq.errors.ConfigError: --since '2h' is relative to now: ...
+    """
+    if group:
+        return
+    for option, text in times.items():
+        if text is not None and is_relative(text):
+            millis = parse_time(text, now_ms=now_ms)
+            try:
+                moment = datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            except (OverflowError, OSError, ValueError):  # a duration reaching before year 1
+                moment = str(millis)
+            raise ConfigError(
+                f"{option} {text!r} is relative to now: every run reads it anew, so a rerun would select another "
+                "range under another consumer group and send every record again instead of resuming. Pass an "
+                f"absolute time ({option} {moment} is what it means now) or name the run's group "
+                f"({group_option} NAME; the same name again resumes)"
+            )
 
 
 def parse_offsets(text: str) -> tuple[int | None, int | None]:

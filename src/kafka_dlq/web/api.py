@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kafka_dlq.errors import BrokerUnreachableError, ConfigError, KafkaDLQError, TopicNotFoundError
-from kafka_dlq.filters import RecordFilter, parse_header, parse_offsets, parse_time
+from kafka_dlq.filters import RecordFilter, check_resumable, parse_header, parse_offsets, parse_time
 from kafka_dlq.redrive import DEFAULT_MAX_REDRIVES, SAMPLES, Guarantee, peek, redrive
 from kafka_dlq.stats import collect_stats
 from kafka_dlq.web.params import ApiError, Kind, Param, parse_body, parse_query
@@ -69,6 +69,8 @@ MAX_OFFSET = 2**63 - 1
 # that the OpenAPI document's generators and ECMA-262 read it as Python does).
 TOPIC_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,247}|\.\.[A-Za-z0-9._-]{1,247}"
 TOPIC_RULE = "a Kafka topic name: 1 to 249 letters, digits, '.', '_' or '-' (not '.' or '..')"
+GROUP_PATTERN = r"[^\x00-\x1f\x7f]{1,249}"
+GROUP_RULE = "1 to 249 characters, none of them a control character"
 _TIME = "ISO-8601 (2024-05-01T12:00:00Z), epoch seconds or milliseconds, or a duration ago (30m, 2h, 7d)"
 
 
@@ -152,8 +154,8 @@ STATS = [
     Param(
         name="group",
         kind=Kind.STRING,
-        pattern=r"[^\x00-\x1f\x7f]{1,249}",
-        rule="1 to 249 characters, none of them a control character",
+        pattern=GROUP_PATTERN,
+        rule=GROUP_RULE,
         description="Consumer group whose lag to show (default: the handler's, when the app has one).",
     ),
 ]
@@ -228,6 +230,14 @@ REDRIVE = [
         maximum=SAMPLES,
         default=5,
         description="Records a dry run shows.",
+    ),
+    Param(
+        name="group",
+        kind=Kind.STRING,
+        pattern=GROUP_PATTERN,
+        rule=GROUP_RULE,
+        description="The run's consumer group (default: one per topic, filter, destination and limit, so the same "
+        "call again resumes). A real redrive with a relative since or until (2h) needs one: the range moves.",
     ),
     *_filter_params(plural=True),
 ]
@@ -405,7 +415,11 @@ class OpsApi:
         return await self._reading(work)
 
     async def redrive(self, request: Request) -> Response:
-        """``POST /api/redrive`` with a JSON body: a dry run (the default) or, with a token, a real redrive."""
+        """``POST /api/redrive`` with a JSON body: a dry run (the default) or, with a token, a real redrive.
+
+        A real redrive with a relative ``since`` or ``until`` (``2h``) needs a ``group``: its default group is
+        named after the range, which moves, so the same call again would send everything again (422 without).
+        """
         self._authorize(request)
         body = parse_body(await _json_body(request), REDRIVE)
         select = _record_filter(body, plural=True)
@@ -417,6 +431,13 @@ class OpsApi:
                 "real redrives are off: no token is configured. Set http_token (or KAFKA_DLQ_HTTP_TOKEN) to turn "
                 "them on, or send dry_run: true",
             )
+        for name in ("since", "until"):
+            try:
+                check_resumable(
+                    {name: body[name]}, group=body["group"], group_option='"group": "NAME"', now_ms=_now_ms()
+                )
+            except ConfigError as exc:
+                raise ApiError(422, str(exc), field=name) from None
         if self._redriving:
             # Two runs of one group would fence each other's transactions; one at a time is also easier to follow.
             raise ApiError(409, "a redrive is running: try again when it has finished", headers={"Retry-After": "5"})
@@ -433,6 +454,7 @@ class OpsApi:
             body["topic"],
             select=select,
             to=body["to"],
+            group=body["group"],
             rate=rate,
             max_redrives=body["max_redrives"],
             guarantee=Guarantee(body["guarantee"]),
@@ -451,7 +473,7 @@ def _record_filter(values: dict[str, Any], *, plural: bool) -> RecordFilter:
         result: list[Any] = values[several if plural else one]
         return result
 
-    now_ms = int(time.time() * 1000)
+    now_ms = _now_ms()
     pattern = values["error_pattern"]
     if pattern is not None:
         try:
@@ -471,6 +493,10 @@ def _record_filter(values: dict[str, Any], *, plural: bool) -> RecordFilter:
         keys=tuple(key.encode() for key in many("key", "keys")),
         headers=tuple(_header("headers" if plural else "header", text) for text in many("header", "headers")),
     )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _moment(name: str, text: str | None, now_ms: int) -> int | None:
