@@ -31,7 +31,7 @@ from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.testing import free_port
 from kafka_dlq.web.app import create_app, running
-from tests.helpers import read_all, seed
+from tests.helpers import committed_offsets, read_all, seed
 from tests.test_handler import dead_letter
 
 TOKEN = "test-token-0123456789abcdef"
@@ -154,13 +154,24 @@ async def test_a_real_redrive_with_a_relative_time_needs_a_group_and_then_resume
     assert await records_in(kafka_bootstrap, home) == [b"k0", b"k1", b"k2"]
 
 
-async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic):
+async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic, unique_name):
     dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k%d" % i) for i in range(4)])
-    body = {"topic": dlq, "dry_run": False, "rate": 2}  # 4 records at 2 a second: about 2 s
+    group = unique_name("one-at-a-time")
+    # 4 records at 1 a second, one transaction each: once the first has committed, about 3 s of the run are left.
+    body = {"topic": dlq, "dry_run": False, "rate": 1, "group": group}
+
+    async def first_committed() -> None:
+        # Polled: the group's offsets live on the broker, which has nothing to wait on.
+        while True:
+            offsets = await asyncio.to_thread(committed_offsets, kafka_bootstrap, group, dlq, 2)
+            if any(offset > 0 for offset in offsets.values()):
+                return
+            await asyncio.sleep(0.05)
 
     async with served(create_app(bootstrap_servers=kafka_bootstrap, token=TOKEN)) as api:
         first = asyncio.create_task(api.post("/api/redrive", json=body, headers=AUTH))
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(first_committed(), 60)  # the first redrive is running: it has committed a batch
+        assert not first.done()
         second = await api.post("/api/redrive", json=body, headers=AUTH)
         done = await first
 
