@@ -143,28 +143,35 @@ async def test_stats_of_100k_mixed_dead_letters_count_exactly(kafka_bootstrap, n
     assert sum(group.records for group in stats.groups) == total
 
 
-async def test_stats_reports_failure_times_and_the_lag_of_a_group(kafka_bootstrap, new_topic, group_id):
-    from confluent_kafka import Consumer, TopicPartition
+async def test_stats_reports_failure_times_and_the_lag_of_a_group_per_partition(kafka_bootstrap, new_topic, group_id):
+    from confluent_kafka import Consumer, Producer, TopicPartition
 
-    topic = await asyncio.to_thread(new_topic, 2)
-    letters = [dead_letter("orders", b"k", b"v", first_failure=T0 + i * 1000) for i in range(10)]
-    await asyncio.to_thread(seed, kafka_bootstrap, topic, letters)
+    topic = await asyncio.to_thread(new_topic, 3)
+    letters = [dead_letter("orders", b"k%d" % i, b"v", first_failure=T0 + i * 1000) for i in range(10)]
+    placed = {0: letters[:6], 1: letters[6:], 2: []}  # partition 2 stays empty
 
-    def commit_three() -> None:
+    def produce_and_commit() -> None:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+        for partition, records in placed.items():
+            for key, value, headers in records:
+                producer.produce(topic, value=value, key=key, headers=headers, partition=partition)
+        assert producer.flush(30) == 0
         consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group_id})
-        consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        # Partition 0: 2 of 6 done. Partition 1: never committed. Partition 2 (empty): committed past its end, as
+        # offsets set by hand or a recreated topic leave it.
+        done = [TopicPartition(topic, 0, 2), TopicPartition(topic, 2, 5)]
+        consumer.commit(offsets=done, asynchronous=False)
         consumer.close()
 
-    await asyncio.to_thread(commit_three)
+    await asyncio.to_thread(produce_and_commit)
 
     stats = await collect_stats({"bootstrap.servers": kafka_bootstrap}, [topic], group=group_id)
 
     assert stats.oldest_failure == T0
     assert stats.newest_failure is not None and stats.newest_failure > T0 + 9000  # last failure: now
-    lag = {p.partition: (p.committed, p.lag, p.high) for p in stats.partitions}
-    assert lag[0] == (3, lag[0][2] - 3, lag[0][2])
-    assert lag[1] == (None, lag[1][2], lag[1][2])  # never committed: all of it
-    assert stats.to_json()["lag"] == 10 - 3
+    got = {p.partition: (p.records, p.high, p.committed, p.lag) for p in stats.partitions}
+    assert got == {0: (6, 6, 2, 4), 1: (4, 4, None, 4), 2: (0, 0, 5, 0)}
+    assert stats.to_json()["lag"] == 8
 
 
 def test_stats_command_prints_one_json_document(kafka_bootstrap, new_topic):

@@ -62,7 +62,7 @@ class PartitionStats:
     committed: int | None = None
     """The group's committed offset; None without a group or before its first commit."""
     lag: int | None = None
-    """``high - committed`` (``high - low`` before the first commit); None without a group."""
+    """``high - committed`` (``high - low`` before the first commit), never below 0; None without a group."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,7 +289,8 @@ def _result(tally: _Tally, reader: TopicReader, committed: dict[TP, int] | None,
         done = None if committed is None else committed.get((topic, partition))
         lag = None
         if committed is not None:
-            lag = marks.high - (marks.low if done is None else max(done, marks.low))
+            # Never below zero: a group may have committed past the end (offsets set by hand, a recreated topic).
+            lag = max(0, marks.high - (marks.low if done is None else max(done, marks.low)))
         partitions.append(
             PartitionStats(
                 topic=topic,
