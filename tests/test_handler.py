@@ -15,13 +15,15 @@ from kafka_dlq.classify import Classifier
 from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka import KafkaRecord
+from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.outcomes import Outcome, ParkNow, Reason
 from kafka_dlq.policy import Jitter, RetryPolicy
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
 from kafka_dlq.schedule import Entry, RedisSchedule, ScheduleError, check_waitaof
+from kafka_dlq.testing.servers import RedisServer
 from tests.conftest import wait_for
-from tests.helpers import read_all, seed
+from tests.helpers import committed_offsets, read_all, seed
 
 HOUR_MS = 3600 * 1000
 
@@ -637,3 +639,71 @@ async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_boo
     assert overlaps == []
     assert lost == 0
     assert pending["total"] == 0
+
+
+# ---------------------------------------------------------------- intake: every record once, whatever fails
+
+
+async def test_an_undecodable_record_too_large_for_the_poison_topic_is_parked_without_its_value(
+    kafka_bootstrap, redis_url, unique_name, new_topic
+):
+    # The DLQ topic holds 8 MiB records; its poison topic, the broker's default 1 MiB.
+    topic = await asyncio.to_thread(new_topic, 1, {"max.message.bytes": str(8 * 1024 * 1024)}, "orders.dlq")
+    await asyncio.to_thread(create_topics, kafka_bootstrap, {f"{topic}.poison": 1})
+    huge_unknown = (b"blob", b"\x00\x01" * (1024 * 1024), [("content-type", b"application/avro")])
+    after = dead_letter("orders", b"after", b"v")
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, [huge_unknown, after])
+    processor = Processor()
+
+    async with _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": processor}) as handler:
+        # The record behind it is not stalled behind a park that can never be written.
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 1, 30, "the record behind it recovered")
+        await wait_for(lambda: handler.get_metrics()["parked"] == 1, 30, "the huge one parked")
+        metrics = handler.get_metrics()
+        group = handler.group_id
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic)
+    committed = await asyncio.to_thread(committed_offsets, kafka_bootstrap, group, topic, 1)
+
+    assert len(poison) == 1
+    headers = dict(poison[0].headers())
+    assert poison[0].key() == b"blob" and poison[0].value() is None
+    assert headers["dlq.reason"] == b"undecodable"
+    assert headers["content-type"] == b"application/avro"  # the record's own headers stay
+    message = headers["dlq.error.message"].decode()
+    assert f"value of {2 * 1024 * 1024} bytes not copied" in message
+    assert f"original at {topic}/0/0" in message
+    assert metrics["consumed"] == 2 and metrics["parked_by_reason"] == {"undecodable": 1}
+    assert committed == {0: 2}
+
+
+async def test_an_intake_batch_retried_after_redis_fails_counts_and_parks_each_record_once(
+    kafka_bootstrap, unique_name, dlq, tmp_path
+):
+    # A Redis of this test's own, stopped under the running handler: its parks reach Kafka, its schedule write
+    # fails, and the batch is tried again once Redis is back.
+    redis = await asyncio.to_thread(RedisServer, data_dir=tmp_path / "redis", appendonly=True)
+    await asyncio.to_thread(redis.start)
+    try:
+        topic = await asyncio.to_thread(dlq)
+        records = [(f"bad{i}".encode(), b"not a dead letter", []) for i in range(5)]
+        records += [dead_letter("orders", f"good{i}".encode(), b"v") for i in range(5)]
+        processor = Processor()
+        async with _handler(
+            kafka_bootstrap, redis.url, unique_name, [topic], processors={"orders": processor}
+        ) as handler:
+            await asyncio.to_thread(redis.stop)
+            await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
+            await wait_for(lambda: handler.get_metrics()["consumed"] > 0, 30, "the first try of the batch")
+            # Only the parks went through: the scheduled half is not durable, so not counted yet.
+            assert handler.get_metrics()["consumed"] == handler.get_metrics()["parked"] == 5
+            await asyncio.to_thread(redis.start)
+            await wait_for(lambda: handler.get_metrics()["recovered"] == 5, 30, "the scheduled half recovered")
+            metrics = handler.get_metrics()
+        poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic)
+    finally:
+        await asyncio.to_thread(redis.stop)
+
+    assert metrics["consumed"] == 10
+    assert metrics["parked"] == 5 and metrics["recovered"] == 5
+    assert sorted(m.key() for m in poison) == [f"bad{i}".encode() for i in range(5)]  # each parked once
+    assert processor.calls == Counter({f"good{i}".encode(): 1 for i in range(5)})

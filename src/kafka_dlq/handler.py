@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -28,7 +28,7 @@ from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.metrics import HandlerMetrics
 from kafka_dlq.outcomes import Outcome, ParkNow, Reason
 from kafka_dlq.policy import RetryPolicy, TopicPolicies
-from kafka_dlq.records import DeadLetter, Failure
+from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure
 from kafka_dlq.schedule import Claimed, Entry, RedisSchedule
 
 __all__ = ["DLQHandler", "Mode", "Processor"]
@@ -38,6 +38,16 @@ log = logging.getLogger("kafka_dlq.handler")
 Processor = Callable[[DeadLetter], Awaitable[None] | None]
 """Recovers one dead letter: returns normally when it worked, raises when it did not (``RetryLater`` and
 ``ParkNow`` say what to do next). Async processors run on the loop; sync ones in a thread."""
+
+
+@dataclass(slots=True)
+class _BatchProgress:
+    """What intake already made durable of one consumed batch, kept across its retries."""
+
+    done: set[int] = field(default_factory=set)
+    """Indexes of the records whose outcome is durable (and counted)."""
+    repeats: dict[int, int] = field(default_factory=dict)
+    """Repeat-offender counts already taken from Redis, by index."""
 
 
 class Mode(Enum):
@@ -279,16 +289,19 @@ class DLQHandler:
         assert self._consumer is not None
         while self._running:
             batch = await self._consumer.getmany(max_records=500, timeout=0.5)
+            progress = _BatchProgress()
             while batch:
                 try:
-                    await self._intake(batch)
+                    await self._intake(batch, progress)
                     self._consumer.done_many(batch)
                     batch = []
                 except KafkaDLQError as exc:
-                    # Redis or Kafka refused the outcome: keep the batch (nothing is committed) and try again.
+                    # Redis or Kafka refused an outcome: keep the batch (nothing is committed) and try again the
+                    # records whose outcome is not durable yet; those that are were counted once and stay done.
                     log.error(
-                        "handler %s: could not record the outcome of %d dead letters (%s); retrying",
+                        "handler %s: could not record the outcome of %d of %d dead letters (%s); retrying",
                         self.name,
+                        len(batch) - len(progress.done),
                         len(batch),
                         exc,
                     )
@@ -296,37 +309,37 @@ class DLQHandler:
                     if not self._running:
                         return
 
-    async def _intake(self, batch: list[KafkaRecord]) -> None:
+    async def _intake(self, batch: list[KafkaRecord], progress: _BatchProgress) -> None:
+        """Schedule or park each record of ``batch`` not yet in ``progress.done``; count each once, when its
+        outcome is durable. Raises the first error after recording every outcome that did go through."""
         now = _now_ms()
-        to_schedule: list[tuple[Entry, int]] = []
-        parks: list[Awaitable[None]] = []
+        to_schedule: list[tuple[int, str, Entry, int]] = []
+        parks: list[tuple[int, str, Awaitable[None]]] = []
         for index, record in enumerate(batch):
             if index and index % 100 == 0:
                 await asyncio.sleep(0)  # decoding is CPU work: let the loop serve others between slices
+            if index in progress.done:
+                continue
             decoded = decode(record)
             if isinstance(decoded, Undecodable):
-                self.metrics.count("consumed", record.topic)
-                parks.append(self._park_raw(record, Reason.UNDECODABLE, decoded.reason))
+                parks.append((index, record.topic, self._park_raw(record, Reason.UNDECODABLE, decoded.reason)))
                 continue
             topic = decoded.original.topic
-            self.metrics.count("consumed", topic)
             size = len(decoded.original.value or b"") + len(decoded.original.key or b"")
             if size > self.max_record_bytes:
-                parks.append(
-                    self._park(
-                        record.topic,
-                        decoded,
-                        Decision.park(
-                            Reason.NON_RETRYABLE,
-                            f"record is {size} bytes, over the handler's max_record_bytes "
-                            f"({self.max_record_bytes}): raise it to process such records",
-                        ),
-                    )
+                decision = Decision.park(
+                    Reason.NON_RETRYABLE,
+                    f"record is {size} bytes, over the handler's max_record_bytes "
+                    f"({self.max_record_bytes}): raise it to process such records",
                 )
+                parks.append((index, topic, self._park(record.topic, decoded, decision)))
                 continue
             repeats = 0
             if decoded.redrive_count > 0 and self.classifier.repeat_offender_threshold is not None:
-                repeats = await self.schedule.count_repeat(decoded.fingerprint())
+                # Counted in Redis once per record, not once per try of the batch.
+                if index not in progress.repeats:
+                    progress.repeats[index] = await self.schedule.count_repeat(decoded.fingerprint())
+                repeats = progress.repeats[index]
             decision = self.classifier.classify(
                 decoded.failure,
                 policy=self.policies.for_topic(topic),
@@ -337,14 +350,31 @@ class DLQHandler:
                 repeat_failures=repeats,
             )
             if decision.outcome is Outcome.PARKED:
-                parks.append(self._park(record.topic, decoded, decision))
+                parks.append((index, topic, self._park(record.topic, decoded, decision)))
             else:
-                to_schedule.append((Entry(dead_letter=decoded), now + int(self.first_delay * 1000)))
-        if to_schedule:
-            await self.schedule.add(to_schedule)
-            self._wake.set()
-        if parks:
-            await asyncio.gather(*parks)
+                to_schedule.append((index, topic, Entry(dead_letter=decoded), now + int(self.first_delay * 1000)))
+
+        async def schedule_all() -> None:
+            if to_schedule:
+                await self.schedule.add([(entry, due) for _, _, entry, due in to_schedule])
+                self._wake.set()
+
+        results = await asyncio.gather(schedule_all(), *(park for _, _, park in parks), return_exceptions=True)
+        error: BaseException | None = None
+        if isinstance(results[0], BaseException):
+            error = results[0]
+        else:
+            for index, topic, _, _ in to_schedule:
+                progress.done.add(index)
+                self.metrics.count("consumed", topic)
+        for (index, topic, _), result in zip(parks, results[1:], strict=True):
+            if isinstance(result, BaseException):
+                error = error or result
+            else:
+                progress.done.add(index)
+                self.metrics.count("consumed", topic)
+        if error is not None:
+            raise error
 
     def _target(self, topic: str) -> Processor | None:
         if self.mode is Mode.REPUBLISH:
@@ -572,13 +602,25 @@ class DLQHandler:
     async def _park_raw(self, record: KafkaRecord, reason: Reason, detail: str) -> None:
         """A record no decoder accepts goes to the poison topic as it was, with the reason beside it."""
         assert self._producer is not None
-        headers = (
-            *record.headers,
-            ("dlq.reason", reason.value.encode()),
-            ("dlq.error.class", b"kafka_dlq.Undecodable"),
-            ("dlq.error.message", _cap(detail, MAX_MESSAGE_BYTES).encode()),
-        )
-        await self._producer.produce(self.poison_topic_for(record.topic), record.value, key=record.key, headers=headers)
+        poison = self.poison_topic_for(record.topic)
+
+        def headers(message: str) -> tuple[tuple[str, bytes | None], ...]:
+            return (
+                *record.headers,
+                ("dlq.reason", reason.value.encode()),
+                ("dlq.error.class", b"kafka_dlq.Undecodable"),
+                ("dlq.error.message", _cap(message, MAX_MESSAGE_BYTES).encode()),
+            )
+
+        try:
+            await self._producer.produce(poison, record.value, key=record.key, headers=headers(detail))
+        except RecordTooLargeError:
+            # As _park: a value the poison topic cannot hold is left out, saying so, rather than retrying the
+            # batch (and stalling the partition) forever. The original stays at its DLQ coordinates.
+            where = DlqCoordinates(topic=record.topic, partition=record.partition, offset=record.offset)
+            size = len(record.value or b"")
+            note = f"value of {size} bytes not copied: over the poison topic's limit; original at {where}"
+            await self._producer.produce(poison, None, key=record.key, headers=headers(f"{detail} [{note}]"))
         self.metrics.count("parked", record.topic, reason)
 
     async def _republish(self, dead_letter: DeadLetter) -> None:

@@ -468,7 +468,10 @@ class RedisSchedule:
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(key, fingerprint, 1)
         pipe.expire(key, self.history_ttl)
-        result = await pipe.execute()
+        try:
+            result = await pipe.execute()
+        except RedisError as exc:  # a ScheduleError, as every schedule call: the handler retries those
+            raise ScheduleError(f"Redis schedule count_repeat failed: {exc}") from exc
         return int(result[0])
 
     async def pending(self) -> dict[str, int]:
