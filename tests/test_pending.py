@@ -228,3 +228,43 @@ def test_pending_commands_print_one_json_document_and_fail_on_refusals(
     assert refused.exit_code == 1 and "in flight" in refused.stdout
     assert unselected.exit_code == 1 and "no entries selected" in unselected.output
     assert text.exit_code == 0 and "2 pending (1 due, 1 in flight)" in " ".join(text.stdout.split())
+
+
+def test_pending_commands_take_the_handler_redis_and_kafka_from_the_config_file(
+    redis_url, kafka_bootstrap, new_topic, unique_name, tmp_path
+):
+    name, other = unique_name("cfg"), unique_name("other")
+    dlq = new_topic(1, None, "cfg.dlq")
+    create_topics(kafka_bootstrap, {f"{dlq}.poison": 1})
+
+    async def given() -> None:
+        async with RedisSchedule(redis_url, name) as s:
+            await s.add((entry(dlq, i), now_ms() + HOUR_MS) for i in range(3))
+
+    asyncio.run(given())
+    path = tmp_path / "billing.toml"
+    path.write_text(
+        f'name = "{name}"\ntopics = ["{dlq}"]\nbootstrap_servers = "{kafka_bootstrap}"\nredis_url = "{redis_url}"\n'
+    )
+    clean = dict.fromkeys(["KAFKA_DLQ_CONFIG", "KAFKA_DLQ_REDIS_URL", "KAFKA_DLQ_NAME", "KAFKA_DLQ_BOOTSTRAP_SERVERS"])
+    runner = CliRunner()
+
+    listing = runner.invoke(app, ["pending", "--config", str(path), "--json"], env=clean)
+    parked = runner.invoke(  # the file given before the subcommand, as --name may be; Kafka from it too
+        app, ["pending", "--config", str(path), "park", "--id", f"{dlq}/0/1", "--json"], env=clean
+    )
+    dropped = runner.invoke(
+        app, ["pending", "drop", "--id", f"{dlq}/0/2", "--json"], env={**clean, "KAFKA_DLQ_CONFIG": str(path)}
+    )
+    flag_wins = runner.invoke(app, ["pending", "-c", str(path), "--name", other, "--json"], env=clean)
+    env_wins = runner.invoke(app, ["pending", "-c", str(path), "--json"], env={**clean, "KAFKA_DLQ_NAME": other})
+    after = runner.invoke(app, ["pending", "-c", str(path), "--json"], env=clean)
+
+    assert listing.exit_code == 0, listing.output
+    assert json.loads(listing.stdout)["totals"]["total"] == 3
+    assert parked.exit_code == 0, parked.output
+    assert json.loads(parked.stdout)["done"] == [f"{dlq}/0/1"]
+    assert dropped.exit_code == 0 and json.loads(dropped.stdout)["done"] == [f"{dlq}/0/2"]
+    for result in (flag_wins, env_wins):  # another handler's schedule: empty
+        assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["total"] == 0
+    assert json.loads(after.stdout)["totals"]["total"] == 1

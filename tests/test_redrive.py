@@ -533,6 +533,60 @@ def test_commands_read_kafka_from_the_environment_and_print_one_json_document(ka
     assert nowhere.exit_code == 1 and "KAFKA_DLQ_BOOTSTRAP_SERVERS" in nowhere.output
 
 
+CLEAN_ENV = dict.fromkeys(
+    [
+        "KAFKA_DLQ_CONFIG",
+        "KAFKA_DLQ_BOOTSTRAP_SERVERS",
+        "KAFKA_DLQ_KAFKA_CONFIG",
+        "KAFKA_DLQ_REDIS_URL",
+        "KAFKA_DLQ_NAME",
+    ]
+)
+"""Every connection variable unset: the settings come from where each test says."""
+
+
+def run_config(path, bootstrap: str, topic: str, kafka: str = "") -> str:
+    """A ``kafka-dlq run`` config file at ``path`` for a handler of ``topic``; ``kafka``: its [kafka] table's lines."""
+    path.write_text(
+        f'name = "billing"\ntopics = ["{topic}"]\nbootstrap_servers = "{bootstrap}"\n'
+        f'redis_url = "redis://127.0.0.1:1/0"\n\n[kafka]\n{kafka}\n'
+    )
+    return str(path)
+
+
+def test_peek_redrive_and_park_take_kafka_from_the_config_file_and_flags_win(kafka_bootstrap, new_topic, tmp_path):
+    dlq, orders = new_topic(1), new_topic(1)
+    seed(kafka_bootstrap, dlq, [dead_letter(orders, i) for i in range(3)])
+    good = run_config(tmp_path / "good.toml", kafka_bootstrap, dlq)
+    broken = run_config(tmp_path / "broken.toml", kafka_bootstrap, dlq, kafka='"fetch.wait.max.ms" = "soon"')
+    far = run_config(tmp_path / "far.toml", "127.0.0.1:9", dlq)  # nothing listens there
+    runner = CliRunner()
+
+    peeked = runner.invoke(app, ["peek", dlq, "--config", good, "--json"], env=CLEAN_ENV)
+    dry = runner.invoke(app, ["redrive", dlq, "--dry-run", "--json"], env={**CLEAN_ENV, "KAFKA_DLQ_CONFIG": good})
+    flag_wins = runner.invoke(app, ["peek", dlq, "-c", far, "--bootstrap", kafka_bootstrap, "--json"], env=CLEAN_ENV)
+    env_wins = runner.invoke(
+        app, ["peek", dlq, "-c", far, "--json"], env={**CLEAN_ENV, "KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    )
+    file_settings = runner.invoke(
+        app, ["park", dlq, "--config", broken, "--poison-topic", orders, "--yes"], env=CLEAN_ENV
+    )
+    parked = runner.invoke(
+        app,
+        ["park", dlq, "--config", broken, "-X", "fetch.wait.max.ms=100", "--poison-topic", orders, "--yes", "--json"],
+        env=CLEAN_ENV,
+    )
+    missing = runner.invoke(app, ["peek", dlq, "--config", str(tmp_path / "none.toml")], env=CLEAN_ENV)
+
+    for result in (peeked, flag_wins, env_wins):
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.stdout)["records"]) == 3
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["sent"] == {orders: 3}
+    assert file_settings.exit_code == 1 and "fetch.wait.max.ms" in file_settings.output  # the file's [kafka], applied
+    assert parked.exit_code == 0 and json.loads(parked.stdout)["sent"] == {orders: 3}  # and -X over it
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
 def test_a_real_redrive_or_park_with_a_relative_time_needs_a_group_so_that_a_rerun_resumes(
     kafka_bootstrap, new_topic, unique_name
 ):

@@ -189,6 +189,40 @@ def test_stats_command_prints_one_json_document(kafka_bootstrap, new_topic):
     assert "8 record(s)" in text.stdout
 
 
+def test_stats_takes_its_settings_from_the_config_file_and_flags_and_variables_win(
+    kafka_bootstrap, new_topic, tmp_path
+):
+    from tests.test_redrive import CLEAN_ENV, run_config
+
+    topic = new_topic(1)
+    seed(kafka_bootstrap, topic, [mixed(i)[0] for i in range(len(KINDS))])
+    good = run_config(tmp_path / "good.toml", kafka_bootstrap, topic)
+    far = run_config(tmp_path / "far.toml", "127.0.0.1:9", topic)  # nothing listens there
+    broken = run_config(tmp_path / "broken.toml", kafka_bootstrap, topic, kafka='"fetch.wait.max.ms" = "soon"')
+    runner = CliRunner()
+
+    from_file = runner.invoke(app, ["stats", topic, "--config", good, "--json"], env=CLEAN_ENV)
+    env_wins = runner.invoke(
+        app,
+        ["stats", topic, "--json"],
+        env={**CLEAN_ENV, "KAFKA_DLQ_CONFIG": far, "KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap},
+    )
+    flag_wins = runner.invoke(
+        app,
+        ["stats", topic, "-c", far, "--bootstrap", kafka_bootstrap, "--group", "nobody", "--json"],
+        env={**CLEAN_ENV, "KAFKA_DLQ_BOOTSTRAP_SERVERS": "127.0.0.1:9"},
+    )
+    file_kafka = runner.invoke(app, ["stats", topic, "--config", broken], env=CLEAN_ENV)
+
+    assert from_file.exit_code == 0, from_file.output
+    data = json.loads(from_file.stdout)
+    # The file names the handler: its group's lag shows (it never committed: all of it).
+    assert (data["records"], data["group"], data["lag"]) == (len(KINDS), "kafka-dlq-billing", len(KINDS))
+    assert env_wins.exit_code == 0 and json.loads(env_wins.stdout)["records"] == len(KINDS)
+    assert flag_wins.exit_code == 0 and json.loads(flag_wins.stdout)["group"] == "nobody"
+    assert file_kafka.exit_code == 1 and "fetch.wait.max.ms" in file_kafka.output
+
+
 def test_stats_of_a_missing_topic_says_so(kafka_bootstrap):
     result = CliRunner().invoke(app, ["stats", "no-such-topic-here", "--bootstrap", kafka_bootstrap])
 

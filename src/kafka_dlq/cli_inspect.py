@@ -1,8 +1,9 @@
 """``kafka-dlq stats``, ``pending`` (and its ``retry-now``, ``park``, ``drop``) and ``doctor``.
 
 Registered on the main app by importing this module (``cli.py`` does, at its end). Connection settings come from
-flags or ``KAFKA_DLQ_*`` environment variables; ``--json`` prints one JSON document on standard output; progress
-goes to standard error, and only on a terminal.
+flags, ``KAFKA_DLQ_*`` environment variables or ``--config FILE`` (the TOML file of ``kafka-dlq run``), in that
+order; ``--json`` prints one JSON document on standard output; progress goes to standard error, and only on a
+terminal.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -50,10 +52,56 @@ KafkaSettingOption = Annotated[
 ]
 
 
-def _kafka_config(bootstrap: str | None, settings: list[str] | None) -> dict[str, Any]:
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="KAFKA_DLQ_CONFIG",
+        help="The handler's TOML file, read as kafka-dlq run reads it (its processors must import): Kafka, -X "
+        "settings, Redis and name from it. Flags and KAFKA_DLQ_* variables win over it.",
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileSettings:
+    """The connection settings of a ``kafka-dlq run`` config file, its ``KAFKA_DLQ_*`` variables applied."""
+
+    bootstrap: str | None = None
+    redis_url: str | None = None
+    name: str | None = None
+    group: str | None = None
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+
+
+def file_settings(path: str | None) -> FileSettings:
+    """What ``--config FILE`` gives (nothing without a file), by ``kafka-dlq run``'s own loader: the same checks,
+    the same errors, and ``KAFKA_DLQ_*`` variables over the file. Flags then win over both (the caller's ``or``).
+    """
+    if path is None:
+        return FileSettings()
+    from kafka_dlq.config import load_config
+
+    handler = load_config(path).handler
+    return FileSettings(
+        bootstrap=handler.get("bootstrap_servers"),
+        redis_url=handler.get("redis_url"),
+        name=handler.get("name"),
+        group=handler.get("group_id"),
+        kafka=dict(handler.get("kafka_config") or {}),
+    )
+
+
+def _kafka_config(
+    bootstrap: str | None, settings: list[str] | None, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """librdkafka settings: ``base`` (a config file's ``[kafka]``), then ``-X`` settings, then the servers."""
     if not bootstrap:
-        raise ConfigError("no Kafka given: pass --bootstrap or set KAFKA_DLQ_BOOTSTRAP_SERVERS")
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+        raise ConfigError(
+            "no Kafka given: pass --bootstrap, set KAFKA_DLQ_BOOTSTRAP_SERVERS or give --config FILE (kafka-dlq run's)"
+        )
+    config: dict[str, Any] = {**(base or {}), "bootstrap.servers": bootstrap}
     for item in settings or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -130,19 +178,26 @@ def stats_command(
     top: Annotated[int, typer.Option(help="Rows per table in the text output.")] = 15,
     bootstrap: BootstrapOption = None,
     kafka_setting: KafkaSettingOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Count what a DLQ holds: by original topic, error class, reason and format; failure times; lag per partition.
 
     Reads the topic(s) to their current end with no consumer group (nothing is committed) and reads only the headers
-    it counts; the lag is the high watermark less the group's committed offset.
+    it counts. The lag (the high watermark less the group's committed offset) shows with --group, --name or a
+    --config naming the handler.
 
     Example: kafka-dlq stats payments.dlq --name billing --json
     """
     from kafka_dlq.stats import collect_stats
 
-    config = _config_or_fail(bootstrap, kafka_setting)
-    group = group or (f"kafka-dlq-{name}" if name else None)
+    try:
+        found = file_settings(config_file)
+        config = _kafka_config(bootstrap or found.bootstrap, kafka_setting, found.kafka)
+    except ConfigError as exc:
+        raise _fail(exc) from exc
+    if group is None:  # the handler's group: the one named (flag or variable), else the file's
+        group = f"kafka-dlq-{name}" if name else found.group or (f"kafka-dlq-{found.name}" if found.name else None)
     with _progress(f"reading {', '.join(topics)}") as update:
         stats = _run(collect_stats(config, topics, group=group, progress=update))
     data = stats.to_json()
@@ -193,9 +248,12 @@ def stats_command(
         console.print(f"lag of group {escape(group)}: {data['lag']}", highlight=False)
 
 
-def _config_or_fail(bootstrap: str | None, settings: list[str] | None) -> dict[str, Any]:
+def _config_or_fail(
+    bootstrap: str | None, settings: list[str] | None, found: FileSettings | None = None
+) -> dict[str, Any]:
+    found = found or FileSettings()
     try:
-        return _kafka_config(bootstrap, settings)
+        return _kafka_config(bootstrap or found.bootstrap, settings, found.kafka)
     except ConfigError as exc:
         raise _fail(exc) from exc
 
@@ -269,9 +327,9 @@ def _selection(
 
 def _need(name: str | None, redis_url: str | None) -> tuple[str, str]:
     if not name:
-        raise _fail(ConfigError("which handler? pass --name or set KAFKA_DLQ_NAME"))
+        raise _fail(ConfigError("which handler? pass --name, set KAFKA_DLQ_NAME or give --config FILE"))
     if not redis_url:
-        raise _fail(ConfigError("no Redis given: pass --redis-url or set KAFKA_DLQ_REDIS_URL"))
+        raise _fail(ConfigError("no Redis given: pass --redis-url, set KAFKA_DLQ_REDIS_URL or give --config FILE"))
     return name, redis_url
 
 
@@ -288,6 +346,7 @@ def pending_command(
     due_before: DueBeforeOption = None,
     limit: LimitOption = None,
     show: Annotated[int, typer.Option(help="Entries to list (counts cover all that match).")] = 20,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """The handler's pending retries in Redis: counts and a listing; retry-now, park or drop selected ones.
@@ -308,11 +367,11 @@ def pending_command(
                     f"put the options after `pending {ctx.invoked_subcommand}`: those before it are the listing's"
                 )
             )
-        ctx.obj = {"name": name, "redis_url": redis_url}
+        ctx.obj = {"name": name, "redis_url": redis_url, "config": config_file}
         return
     from kafka_dlq.pending import PendingRetries
 
-    handler, url = _need(name, redis_url)
+    handler, url, _ = _settings(ctx, name, redis_url, config_file)
     selection = _selection(ids, topic, error_class, dlq_topic, state, due_before, limit)
 
     async def work() -> PendingSummary:
@@ -350,9 +409,20 @@ def pending_command(
     console.print(listing)
 
 
-def _settings(ctx: typer.Context, name: str | None, redis_url: str | None) -> tuple[str, str]:
+def _settings(
+    ctx: typer.Context, name: str | None, redis_url: str | None, config_file: str | None
+) -> tuple[str, str, FileSettings]:
+    """The handler's name and Redis: this command's flags, then those given before it (``pending --name x park``),
+    then the config file's; and what the file gives besides."""
     parent = ctx.obj or {}
-    return _need(name or parent.get("name"), redis_url or parent.get("redis_url"))
+    try:
+        found = file_settings(config_file or parent.get("config"))
+    except ConfigError as exc:
+        raise _fail(exc) from exc
+    handler, url = _need(
+        name or parent.get("name") or found.name, redis_url or parent.get("redis_url") or found.redis_url
+    )
+    return handler, url, found
 
 
 def _report_action(result: ActionResult, as_json: bool) -> None:
@@ -385,6 +455,7 @@ def retry_now_command(
     everything: AllOption = False,
     name: NameOption = None,
     redis_url: RedisOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Make the selected entries due now. Entries a handler is running (in flight) are refused; exit code 1 then.
@@ -393,7 +464,7 @@ def retry_now_command(
     """
     from kafka_dlq.pending import PendingRetries
 
-    handler, url = _settings(ctx, name, redis_url)
+    handler, url, _ = _settings(ctx, name, redis_url, config_file)
     selection = _selection(ids, topic, error_class, dlq_topic, None, due_before, limit, everything)
 
     async def work() -> ActionResult:
@@ -424,6 +495,7 @@ def park_command(
     redis_url: RedisOption = None,
     bootstrap: BootstrapOption = None,
     kafka_setting: KafkaSettingOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Park the selected entries: write each to the poison topic (reason manual), then remove it from the schedule.
@@ -434,8 +506,8 @@ def park_command(
     """
     from kafka_dlq.pending import PendingRetries
 
-    handler, url = _settings(ctx, name, redis_url)
-    config = _config_or_fail(bootstrap, kafka_setting)
+    handler, url, found = _settings(ctx, name, redis_url, config_file)
+    config = _config_or_fail(bootstrap, kafka_setting, found)
     selection = _selection(ids, topic, error_class, dlq_topic, None, due_before, limit, everything)
 
     async def work() -> ActionResult:
@@ -461,6 +533,7 @@ def drop_command(
     by: ByOption = None,
     name: NameOption = None,
     redis_url: RedisOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Drop the selected entries for good, recording each in the handler's history (who, when, note).
@@ -471,7 +544,7 @@ def drop_command(
     """
     from kafka_dlq.pending import PendingRetries
 
-    handler, url = _settings(ctx, name, redis_url)
+    handler, url, _ = _settings(ctx, name, redis_url, config_file)
     selection = _selection(ids, topic, error_class, dlq_topic, None, due_before, limit, everything)
 
     async def work() -> ActionResult:

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kafka_dlq.cli import JsonOption, _emit, _fail, app, console
+from kafka_dlq.cli_inspect import ConfigOption, file_settings
 from kafka_dlq.errors import ConfigError, KafkaDLQError
 from kafka_dlq.filters import RecordFilter, check_resumable, parse_header, parse_offsets, parse_time
 from kafka_dlq.redrive import DEFAULT_MAX_REDRIVES, Guarantee, PeekReport, RunReport, park, peek, redrive
@@ -104,13 +105,16 @@ GuaranteeOption = Annotated[
 SampleOption = Annotated[int, typer.Option(help="Records shown by --dry-run.")]
 
 
-def _connection(bootstrap: str | None, kafka: list[str] | None) -> tuple[str, dict[str, str]]:
+def _connection(bootstrap: str | None, kafka: list[str] | None, config_file: str | None) -> tuple[str, dict[str, Any]]:
+    """Kafka's servers and settings: flags (or their KAFKA_DLQ_* variables) over the config file's."""
+    found = file_settings(config_file)
+    bootstrap = bootstrap or found.bootstrap
     if not bootstrap:
         raise ConfigError(
-            "no Kafka to talk to: pass --bootstrap HOST:PORT or set KAFKA_DLQ_BOOTSTRAP_SERVERS "
+            "no Kafka to talk to: pass --bootstrap HOST:PORT, set KAFKA_DLQ_BOOTSTRAP_SERVERS or give --config FILE "
             '(for the dev stack: eval "$(kafka-dlq dev status --env)")'
         )
-    settings = {}
+    settings = dict(found.kafka)
     for item in kafka or []:
         name, equals, value = item.partition("=")
         if not equals or not name:
@@ -262,6 +266,7 @@ def peek_command(
     error_pattern: ErrorPatternOption = None,
     key: KeyOption = None,
     header: HeaderOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show dead letters with their decoded metadata: the value as JSON when it is JSON, escaped when not.
@@ -271,7 +276,7 @@ def peek_command(
     Example: kafka-dlq peek orders.dlq --error-class TimeoutError --since 2h --limit 5
     """
     try:
-        servers, settings = _connection(bootstrap, kafka)
+        servers, settings = _connection(bootstrap, kafka, config_file)
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
@@ -305,6 +310,7 @@ def redrive_command(
     error_pattern: ErrorPatternOption = None,
     key: KeyOption = None,
     header: HeaderOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send dead letters back to their original topic: original key, value and headers, attempts, redrive count + 1.
@@ -316,7 +322,7 @@ def redrive_command(
     Example: kafka-dlq redrive orders.dlq --error-class TimeoutError --since 2024-05-01T12:00Z --rate 500
     """
     try:
-        servers, settings = _connection(bootstrap, kafka)
+        servers, settings = _connection(bootstrap, kafka, config_file)
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
         if not dry_run:
             check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
@@ -363,6 +369,7 @@ def park_command(
     error_pattern: ErrorPatternOption = None,
     key: KeyOption = None,
     header: HeaderOption = None,
+    config_file: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Copy dead letters to the poison topic with reason manual, exactly once; asks first unless --yes.
@@ -370,7 +377,7 @@ def park_command(
     Example: kafka-dlq park orders.dlq --original-topic payments --error-pattern "card declined" --yes
     """
     try:
-        servers, settings = _connection(bootstrap, kafka)
+        servers, settings = _connection(bootstrap, kafka, config_file)
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
         if not dry_run:
             check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
