@@ -91,7 +91,24 @@ def test_given_the_publishers_envelope_when_decoded_then_its_fields_are_read():
     )
     assert dead_letter.failure == Failure(message="connection reset by peer")
     assert dead_letter.attempts == 4
+    # No first_failure_time: the age counts from the original record's time, as the publisher meant it.
+    assert dead_letter.first_failure == 1700000000500
+    assert dead_letter.last_failure == WRITTEN_AT
+
+
+def test_given_neither_failure_time_nor_original_timestamp_then_the_envelopes_own_time_is_the_first_failure():
+    dead_letter = decoded({"original_topic": "orders", "attempt_count": 2})
+
     assert dead_letter.first_failure == dead_letter.last_failure == WRITTEN_AT
+
+
+def test_given_both_times_then_first_failure_time_wins_over_original_timestamp():
+    dead_letter = decoded(
+        {"original_topic": "orders", "first_failure_time": 1700000100, "original_timestamp": 1700000000}
+    )
+
+    assert dead_letter.first_failure == 1700000100000
+    assert dead_letter.original.timestamp == 1700000000000
 
 
 @pytest.mark.parametrize(

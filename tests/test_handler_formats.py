@@ -266,7 +266,7 @@ CASES: dict[str, Case] = {
         ),
         error_class=None,
         attempts=4,
-        first_failure=WRITTEN,  # the publisher kept no failure time: the envelope's own timestamp stands in
+        first_failure=PRODUCED,  # the publisher kept no failure time: the original record's time stands in
         last_failure=WRITTEN,
         source_format=SourceFormat.SEED_JSON,
     ),

@@ -12,6 +12,8 @@ How JSON becomes bytes and numbers:
   That is the record as the seed received it up to whitespace, which the envelope did not keep.
 - times (``first_failure_time``, ``original_timestamp``): epoch seconds (int or float below 1e11), epoch
   milliseconds (from 1e11), the same as decimal text, or ISO-8601 text (no offset means UTC).
+- the first failure time: ``first_failure_time``; else ``original_timestamp`` (the publisher's variant kept no
+  failure time, and its record's age is what max_age judges); else the envelope record's own timestamp.
 - attempts: ``attempt_count`` counted attempts; ``retry_count`` counted retries after the first failure, so it is
   one less than the failed attempts. Either is capped at ``MAX_ATTEMPTS``.
 - ``error``: text, read as ``Class: message`` when it starts with an exception class name (``ValueError: ...``,
@@ -78,19 +80,24 @@ def decode_seed(record: KafkaRecord) -> DeadLetter:
     retry_count = _integer(envelope, "retry_count", high=MAX_ATTEMPTS - 1)
     attempts = max(1, attempt_count if attempt_count is not None else (retry_count or 0) + 1)
     first_failure = epoch_ms("field first_failure_time", envelope.get("first_failure_time"))
+    original_timestamp = epoch_ms("field original_timestamp", envelope.get("original_timestamp"))
+    if first_failure is None:
+        # The publisher wrote no failure time: the original record's time is the age it meant (the seed handler,
+        # reading only first_failure_time, lost it); the envelope's own time only when neither is there.
+        first_failure = original_timestamp if original_timestamp is not None else record.timestamp
     return DeadLetter(
         original=OriginalRecord(
             topic=topic,
             partition=_integer(envelope, "original_partition", "partition", high=INT32_MAX),
             offset=_integer(envelope, "original_offset", "offset"),
-            timestamp=epoch_ms("field original_timestamp", envelope.get("original_timestamp")),
+            timestamp=original_timestamp,
             key=_bytes(envelope, "original_key", "key"),
             value=_bytes(envelope, "original_value"),
             headers=record.headers,
         ),
         failure=_failure(envelope),
         attempts=attempts,
-        first_failure=record.timestamp if first_failure is None else first_failure,
+        first_failure=first_failure,
         last_failure=record.timestamp,
         source_format=SourceFormat.SEED_JSON,
         dlq=coordinates(record),
