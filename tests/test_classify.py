@@ -196,10 +196,31 @@ def test_retry_later_without_a_usable_delay_leaves_it_to_the_policy(delay, expec
     assert decide(Classifier(), RetryLater(delay=delay)).delay == expected
 
 
-def test_retry_later_is_explicit_so_the_limits_do_not_override_it():
-    decision = decide(Classifier(), RetryLater(delay=1), attempts=100, age_ms=10**9)
+def test_retry_later_still_stops_at_max_attempts():
+    decision = decide(Classifier(), RetryLater(delay=1), attempts=3)
 
-    assert retried(decision)
+    assert decision.reason is Reason.MAX_ATTEMPTS
+
+
+def test_retry_later_still_stops_at_max_age():
+    decision = decide(Classifier(), RetryLater(delay=1), attempts=1, age_ms=3_600_000)
+
+    assert decision.reason is Reason.MAX_AGE
+
+
+def test_retry_later_within_the_limits_skips_the_judging_of_the_error():
+    classifier = Classifier(non_retryable=[RetryLater], non_retryable_patterns=["later"])
+
+    decision = decide(classifier, RetryLater("later", delay=5), attempts=2, age_ms=1000)
+
+    assert retried(decision) and decision.delay == 5
+
+
+@given(attempts=st.integers(min_value=1, max_value=10**6), age_ms=st.integers(min_value=0, max_value=10**12))
+def test_retry_later_never_retries_past_a_limit(attempts, age_ms):
+    decision = decide(Classifier(), RetryLater(delay=1), attempts=attempts, age_ms=age_ms)
+
+    assert retried(decision) == (attempts < POLICY.max_attempts and age_ms < 3_600_000)
 
 
 # --- no processor and repeat offenders --------------------------------------------------------------------------
@@ -523,7 +544,8 @@ def test_rules_run_in_the_documented_order():
     everything = {"attempts": 3, "age_ms": 3_600_000, "has_processor": False, "repeat_failures": 1}
 
     assert decide(classifier, ParkNow("bad", reason=Reason.MANUAL), **everything).reason is Reason.MANUAL
-    assert retried(decide(classifier, RetryLater("bad"), **everything))
+    assert decide(classifier, RetryLater("bad"), **everything).reason is Reason.MAX_AGE  # only the limits apply
+    assert retried(decide(classifier, RetryLater("bad"), **{**everything, "attempts": 1, "age_ms": 0}))
     assert decide(classifier, KeyError("bad"), **everything).reason is Reason.NO_PROCESSOR
     everything["has_processor"] = True
     assert decide(classifier, KeyError("bad"), **everything).reason is Reason.REPEAT_OFFENDER

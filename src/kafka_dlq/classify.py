@@ -106,8 +106,9 @@ class Classifier:
     """Decides, for a failure, retry or park. Rules run in this fixed order; the first that decides wins:
 
     1. The processor's own word: :class:`~kafka_dlq.outcomes.ParkNow` parks with its reason (free text becomes
-       ``manual``, the text kept in ``detail``); :class:`~kafka_dlq.outcomes.RetryLater` retries with its delay.
-       Explicit, so no limit below overrides them.
+       ``manual``, the text kept in ``detail``), whatever the limits; :class:`~kafka_dlq.outcomes.RetryLater`
+       retries with its delay, skipping rules 2 to 6 but not the limits 7 and 8 (a processor that always says
+       "later" would otherwise retry forever).
     2. No processor for the original topic: park, ``no_processor``.
     3. Repeat offender (the same content failed ``repeat_offender_threshold`` times after redrives): park,
        ``repeat_offender``.
@@ -200,7 +201,10 @@ class Classifier:
             if delay is not None:
                 # "Later" with no usable number (NaN, infinity) lets the policy decide; a negative one means now.
                 delay = max(delay, 0.0) if math.isfinite(delay) else None
-            return Decision.retry(f"RetryLater: {message}", delay=delay)
+            # The processor's word skips the judging of the error, never the limits: a processor that always
+            # says "later" must still stop.
+            limited = _limits(policy, attempts, first_failure_ms, now_ms)
+            return limited or Decision.retry(f"RetryLater: {message}", delay=delay)
         if not has_processor:
             return Decision.park(Reason.NO_PROCESSOR, "no processor is registered for the original topic")
         threshold = self.repeat_offender_threshold
@@ -230,13 +234,9 @@ class Classifier:
                         raise ConfigError(f"Classifier.rule must return a Decision or None, got {decided!r}")
                     return decided
 
-        if first_failure_ms is not None and policy.too_old(first_failure_ms, now_ms):
-            age = (now_ms - first_failure_ms) / 1000
-            return Decision.park(Reason.MAX_AGE, f"first failed {age:g} s ago (max_age {policy.max_age} s)")
-        if policy.exhausted(attempts):
-            return Decision.park(
-                Reason.MAX_ATTEMPTS, f"{attempts} failed attempts (max_attempts {policy.max_attempts})"
-            )
+        limited = _limits(policy, attempts, first_failure_ms, now_ms)
+        if limited is not None:
+            return limited
         why = verdict[1] if verdict is not None else f"{error_class or 'unknown error'} is not known to be permanent"
         limit = "no limit" if policy.max_attempts is None else f"of {policy.max_attempts}"
         return Decision.retry(f"{why}; attempt {attempts} {limit}")
@@ -262,6 +262,16 @@ class Classifier:
             if isinstance(flag, bool):
                 return flag, f"{name}.retryable is {flag}"
         return None
+
+
+def _limits(policy: RetryPolicy, attempts: int, first_failure_ms: int | None, now_ms: int) -> Decision | None:
+    """Rules 7 and 8: park once ``max_age`` or ``max_attempts`` is reached; None while within both."""
+    if first_failure_ms is not None and policy.too_old(first_failure_ms, now_ms):
+        age = (now_ms - first_failure_ms) / 1000
+        return Decision.park(Reason.MAX_AGE, f"first failed {age:g} s ago (max_age {policy.max_age} s)")
+    if policy.exhausted(attempts):
+        return Decision.park(Reason.MAX_ATTEMPTS, f"{attempts} failed attempts (max_attempts {policy.max_attempts})")
+    return None
 
 
 def _names(setting: str, entries: Collection[type[BaseException] | str]) -> frozenset[str]:
