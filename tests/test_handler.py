@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio.connection import Connection as RedisConnection
 
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
@@ -707,3 +710,38 @@ async def test_an_intake_batch_retried_after_redis_fails_counts_and_parks_each_r
     assert metrics["parked"] == 5 and metrics["recovered"] == 5
     assert sorted(m.key() for m in poison) == [f"bad{i}".encode() for i in range(5)]  # each parked once
     assert processor.calls == Counter({f"good{i}".encode(): 1 for i in range(5)})
+
+
+# ---------------------------------------------------------------- the loop-lag gauge
+
+
+@given(
+    samples=st.lists(st.floats(min_value=0, max_value=1e4, allow_nan=False), min_size=1, max_size=300),
+    q=st.floats(min_value=0, max_value=1),
+)
+def test_the_loop_lag_percentile_is_the_nearest_rank_of_the_kept_samples(samples, q):
+    probe = LoopLagProbe(max_samples=1000)
+    for lag in samples:
+        probe.add_sample(lag)
+
+    ordered = sorted(samples)
+    assert probe.percentile(q) == ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def test_the_loop_lag_gauge_covers_the_last_minute_and_keeps_measuring():
+    probe = LoopLagProbe(interval=0.01, window=60.0)
+    assert probe.max_samples == 6000
+    probe.add_sample(900.0)  # a stall long ago
+    for _ in range(200_000):  # half an hour of samples and more: the old probe stopped recording here
+        probe.add_sample(1.0)
+    probe.add_sample(50.0)
+
+    assert len(probe.samples_ms) == 6000
+    assert probe.samples_ms[-1] == 50.0  # still measuring
+    assert probe.percentile(0.99) == 1.0 and probe.percentile(1.0) == 50.0  # the old stall is out of the window
+    assert probe.max_ms == 900.0  # the run's maximum is kept
+
+
+def test_a_handler_reports_the_loop_lag_of_the_last_minute():
+    handler = DLQHandler(name="lag", topics=["t"], bootstrap_servers="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0")
+    assert handler.probe.max_samples * handler.probe.interval == pytest.approx(60.0)

@@ -145,7 +145,7 @@ class DLQHandler:
         self.poll_interval = poll_interval
         self._rng = rng or random.Random()
         self.metrics = HandlerMetrics(name)
-        self.probe = LoopLagProbe()
+        self.probe = LoopLagProbe(window=60.0)  # the gauge is the p99 of the last minute
         self.schedule = RedisSchedule(redis_url, name)
         self._consumer: AsyncConsumer | None = None
         self._producer: AsyncProducer | None = None
