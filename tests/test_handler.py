@@ -16,7 +16,7 @@ from redis.asyncio.connection import Connection as RedisConnection
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier
 from kafka_dlq.formats import decode, encode_native
-from kafka_dlq.handler import DLQHandler
+from kafka_dlq.handler import DLQHandler, KeyFormat
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.loop_lag import LoopLagProbe
@@ -243,16 +243,43 @@ async def test_bad_input_is_parked_with_a_precise_reason_and_the_handler_keeps_r
             lambda: handler.get_metrics()["recovered"] + handler.get_metrics()["parked"] == 9, 30, "9 outcomes"
         )
         assert handler._tasks and not any(t.done() for t in handler._tasks)  # still running
-    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic, 7)
+        metrics = handler.get_metrics()
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic)
     by_key = {m.key(): dict(m.headers()) for m in poison}
+    assert len(poison) == len(by_key) == 8
     for key in (b"k1", b"k2", b"k3", b"k4", b"k5", b"k6"):
         assert by_key[key]["dlq.reason"] == b"undecodable", key
     assert b"missing original topic" in by_key[b"k1"]["dlq.error.message"]
     assert by_key[b"huge"]["dlq.reason"] == b"non_retryable"
     assert b"max_record_bytes" in by_key[b"huge"]["dlq.error.message"]
-    # A key that is not UTF-8 is not bad input: keys are bytes, kept byte for byte, and the record recovers.
-    assert processor.calls == Counter({b"\xff\xfe-key": 1, b"good": 1})
+    # A key that is not UTF-8 text is bad input by default: parked, its key kept byte for byte, saying why and
+    # how to accept such keys.
+    assert by_key[b"\xff\xfe-key"]["dlq.reason"] == b"undecodable"
+    message = by_key[b"\xff\xfe-key"]["dlq.error.message"].decode()
+    assert "the original key is not UTF-8 text (invalid UTF-8 at byte 0 of 6)" in message
+    assert "keys=KeyFormat.BYTES" in message
+    assert processor.calls == Counter({b"good": 1})
     assert [m.value() for m in poison if m.key() == b"k4"] == [b"{not json"]  # parked as it came
+    assert metrics["recovered"] == 1 and metrics["parked"] == 8 and metrics["consumed"] == 9
+
+
+async def test_with_binary_keys_accepted_a_key_that_is_not_utf8_recovers_byte_for_byte(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq)
+    binary = b"\xff\xfe\x00-key"
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, [dead_letter("orders", binary, b"v")])
+    processor = Processor()
+
+    async with _handler(
+        kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": processor}, keys=KeyFormat.BYTES
+    ) as handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 1, 15, "recovered")
+        metrics = handler.get_metrics()
+
+    assert processor.calls == Counter({binary: 1})
+    assert processor.seen[0].original.key == binary
+    assert metrics["parked"] == 0
 
 
 async def test_a_downstream_outage_opens_the_circuit_then_closes_it(kafka_bootstrap, redis_url, unique_name, dlq):

@@ -26,6 +26,7 @@ def test_public_names_are_pinned():
             "KafkaClientError",
             "KafkaDLQError",
             "KafkaRecord",
+            "KeyFormat",
             "LoopLagProbe",
             "Mode",
             "Ordering",

@@ -15,7 +15,7 @@ import pytest
 
 from kafka_dlq.config import load_config
 from kafka_dlq.errors import ConfigError
-from kafka_dlq.handler import DLQHandler
+from kafka_dlq.handler import DLQHandler, KeyFormat
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.schedule import connect_redis
 from kafka_dlq.testing import free_port
@@ -64,6 +64,16 @@ failure_threshold = 3
     assert handler.policies.for_topic("other").max_attempts == 4
     assert handler.breaker_settings.failure_threshold == 3
     assert "payments" in handler.processors
+    assert handler.keys is KeyFormat.TEXT  # keys are UTF-8 text unless the config says otherwise
+
+
+def test_binary_keys_are_accepted_when_the_config_says_so(tmp_path):
+    path = _write(tmp_path, 'name = "x"\ntopics = ["t"]\nkeys = "bytes"\n')
+    env = {"KAFKA_DLQ_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_DLQ_REDIS_URL": "redis://127.0.0.1:2/0"}
+
+    assert load_config(path, env).build().keys is KeyFormat.BYTES
+    text_file = _write(tmp_path, 'name = "x"\ntopics = ["t"]\n')
+    assert load_config(text_file, {**env, "KAFKA_DLQ_KEYS": "bytes"}).build().keys is KeyFormat.BYTES
 
 
 @pytest.mark.parametrize(
@@ -86,6 +96,7 @@ failure_threshold = 3
         ),
         ('name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\n[policy]\ndelay = 1\n', "'policy'"),
         ("name = [", "not valid TOML"),
+        ('name = "x"\ntopics = ["t"]\nbootstrap_servers = "b"\nredis_url = "r"\nkeys = "binary"\n', "'keys'"),
     ],
 )
 def test_a_config_error_names_the_key_and_the_fix(tmp_path, text, names):

@@ -19,7 +19,7 @@ from kafka_dlq.errors import (
     TopicNotFoundError,
 )
 from kafka_dlq.formats import Undecodable, decode, encode_native
-from kafka_dlq.handler import DLQHandler, Mode
+from kafka_dlq.handler import DLQHandler, KeyFormat, Mode
 from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, KafkaRecord, TransactionalProducer
 from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.outcomes import Outcome, ParkNow, Reason, RetryLater
@@ -50,6 +50,7 @@ __all__ = [
     "KafkaClientError",
     "KafkaDLQError",
     "KafkaRecord",
+    "KeyFormat",
     "LoopLagProbe",
     "Mode",
     "Ordering",

@@ -8,6 +8,7 @@ Every error names the key and says how to fix it. Example file::
     redis_url = "redis://127.0.0.1:16379/0"    # or KAFKA_DLQ_REDIS_URL
     http_port = 9400                           # /metrics, /healthz, /readyz, the ops API; 0 or absent: off
     http_token = "..."                         # or KAFKA_DLQ_HTTP_TOKEN: guards the ops API, turns real redrives on
+    keys = "text"                              # or KAFKA_DLQ_KEYS; "bytes" accepts keys that are not UTF-8
 
     [processors]
     payments = "billing.recovery:charge"       # module:function, async or sync
@@ -45,7 +46,7 @@ from typing import Any
 from kafka_dlq.breaker import BreakerSettings
 from kafka_dlq.classify import Classifier
 from kafka_dlq.errors import ConfigError
-from kafka_dlq.handler import DLQHandler, Mode, Processor
+from kafka_dlq.handler import DLQHandler, KeyFormat, Mode, Processor
 from kafka_dlq.policy import RetryPolicy, TopicPolicies
 
 __all__ = ["RunConfig", "load_config", "resolve_callable"]
@@ -58,6 +59,7 @@ _TOP = {
     "group_id": str,
     "poison_topic": str,
     "mode": str,
+    "keys": str,
     "processor_timeout": (int, float),
     "concurrency": int,
     "max_in_flight": int,
@@ -82,6 +84,7 @@ _ENV = {
     "KAFKA_DLQ_GROUP_ID": "group_id",
     "KAFKA_DLQ_POISON_TOPIC": "poison_topic",
     "KAFKA_DLQ_MODE": "mode",
+    "KAFKA_DLQ_KEYS": "keys",
     "KAFKA_DLQ_HTTP_PORT": "http_port",
     "KAFKA_DLQ_HTTP_TOKEN": "http_token",
 }
@@ -211,6 +214,14 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             handler["mode"] = Mode(data["mode"])
         except ValueError:
             raise ConfigError(f"config key 'mode': {data['mode']!r} is not 'process' or 'republish'") from None
+    if "keys" in data:
+        try:
+            handler["keys"] = KeyFormat(data["keys"])
+        except ValueError:
+            raise ConfigError(
+                f"config key 'keys': {data['keys']!r} is not 'text' (UTF-8 keys; others are parked) or 'bytes' "
+                "(any key, byte for byte)"
+            ) from None
     processors: dict[str, Processor] = {}
     for topic, spec in data.get("processors", {}).items():
         if not isinstance(spec, str):

@@ -31,7 +31,7 @@ from kafka_dlq.policy import RetryPolicy, TopicPolicies
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure
 from kafka_dlq.schedule import Claimed, Entry, RedisSchedule
 
-__all__ = ["DLQHandler", "Mode", "Processor"]
+__all__ = ["DLQHandler", "KeyFormat", "Mode", "Processor"]
 
 log = logging.getLogger("kafka_dlq.handler")
 
@@ -55,6 +55,27 @@ class Mode(Enum):
     """Call the processor registered for the record's original topic."""
     REPUBLISH = "republish"
     """Send the original record back to its topic (or a chosen one) so the original consumer tries again."""
+
+
+class KeyFormat(Enum):
+    """What the handler takes the original records' keys to be."""
+
+    TEXT = "text"
+    """UTF-8 text (the default, as nearly every Kafka producer writes keys): a dead letter whose original key is
+    not valid UTF-8 is bad input, parked with reason ``undecodable`` and a message saying how to accept it."""
+    BYTES = "bytes"
+    """Opaque bytes (binary ids, Avro or Protobuf keys): any key is accepted and kept byte for byte."""
+
+
+def _key_problem(key: bytes | None) -> str | None:
+    """Why ``key`` is not UTF-8 text, or None when it is (or there is no key)."""
+    if key is None:
+        return None
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start} of {len(key)}"
+    return None
 
 
 def _now_ms() -> int:
@@ -98,6 +119,7 @@ class DLQHandler:
         processors: Mapping[str, Processor] | None = None,
         default_processor: Processor | None = None,
         mode: Mode = Mode.PROCESS,
+        keys: KeyFormat = KeyFormat.TEXT,
         republish_to: Mapping[str, str] | None = None,
         policies: TopicPolicies | RetryPolicy | None = None,
         classifier: Classifier | None = None,
@@ -127,6 +149,9 @@ class DLQHandler:
         self.processors: dict[str, Processor] = dict(processors or {})
         self.default_processor = default_processor
         self.mode = mode
+        if not isinstance(keys, KeyFormat):
+            raise ConfigError(f"handler 'keys' must be KeyFormat.TEXT or KeyFormat.BYTES, got {keys!r}")
+        self.keys = keys
         self.republish_to = dict(republish_to or {})
         self.policies = (
             policies if isinstance(policies, TopicPolicies) else TopicPolicies(default=policies or RetryPolicy())
@@ -325,6 +350,14 @@ class DLQHandler:
                 parks.append((index, record.topic, self._park_raw(record, Reason.UNDECODABLE, decoded.reason)))
                 continue
             topic = decoded.original.topic
+            if self.keys is KeyFormat.TEXT and (problem := _key_problem(decoded.original.key)) is not None:
+                decision = Decision.park(
+                    Reason.UNDECODABLE,
+                    f"the original key is not UTF-8 text ({problem}): if this topic's keys are binary, "
+                    'accept them byte for byte with DLQHandler(keys=KeyFormat.BYTES) (config: keys = "bytes")',
+                )
+                parks.append((index, topic, self._park(record.topic, decoded, decision)))
+                continue
             size = len(decoded.original.value or b"") + len(decoded.original.key or b"")
             if size > self.max_record_bytes:
                 decision = Decision.park(
