@@ -194,7 +194,7 @@ class AsyncConsumer:
             await asyncio.wait_for(asyncio.shield(thread.finished), timeout)
         except TimeoutError:
             log.error("consumer %s did not close within %.0f s; leaving its thread behind", self.group_id, timeout)
-        except KafkaClientError as exc:
+        except Exception as exc:  # the thread ended with an error (fatal, or a bug): stopping still completes
             log.warning("consumer %s closed with an error: %s", self.group_id, exc)
         finally:
             self.state = ClientState.CLOSED

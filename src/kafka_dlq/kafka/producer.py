@@ -158,6 +158,8 @@ class AsyncProducer:
             await asyncio.wait_for(asyncio.shield(thread.finished), timeout)
         except TimeoutError:
             log.error("%s did not close within %.0f s; leaving its thread behind", self.name, timeout)
+        except Exception as exc:  # the thread ended with an error (fatal, or a bug): stopping still completes
+            log.warning("%s closed with an error: %s", self.name, exc)
         finally:
             self.state = ClientState.CLOSED
             self._resolve(everything=True)  # every future is settled (delivered or failed) once stopped
@@ -214,8 +216,14 @@ class AsyncProducer:
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), 0.5)
+                if self._fatal is not None:  # the client died while this send waited for room
+                    raise self._fatal from None
+                if self.state is not ClientState.RUNNING:
+                    raise ClientClosedError(f"the producer is {self.state.value}") from None
             except KafkaException as exc:
                 raise translate(exc, f"produce to {topic!r}") from None
+            except RuntimeError as exc:  # confluent-kafka's "Producer has been closed": closed under this send
+                raise self._fatal or ClientClosedError(f"the producer is closed ({exc})") from None
 
     async def produce(
         self,
