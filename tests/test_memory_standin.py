@@ -445,6 +445,23 @@ async def test_a_redriven_history_out_of_range_is_not_carried_into_a_dead_letter
     assert (dead_letter.attempts, dead_letter.first_failure) == (1, NOW)
 
 
+async def test_a_carried_attempt_count_at_the_formats_limit_stays_there_so_the_next_dead_letter_decodes():
+    # Given a record back from a redrive with as many attempts as a dead letter can say (MAX_ATTEMPTS),
+    handler = Flaky(always={b"o1"})
+    record = KafkaRecord(
+        topic="orders", partition=0, offset=0, key=b"o1", value=b"v", headers=(("dlq.attempts", b"1000000"),)
+    )
+    # when it fails again (three times in place),
+    async with consumer(handler) as c:
+        await c.submit(record)
+
+    # then its attempts stay at the limit, in the handler and in a dead letter that decodes.
+    assert [a.attempt for a in handler.attempts] == [1_000_000] * 3
+    [dead_letter] = c.dead_letters
+    assert dead_letter.attempts == 1_000_000
+    assert c.committed() == {("orders", 0): 1}
+
+
 async def test_current_attempt_outside_a_handler_says_where_it_works():
     with pytest.raises(LookupError, match="only available inside a handler"):
         current_attempt()

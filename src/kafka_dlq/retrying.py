@@ -494,9 +494,11 @@ class RetryEngine:
         life_first_failure: int | None = None
         while True:
             in_place += 1
+            # A carried count at the format's limit stays there: one more would make the dead letter unreadable.
+            attempts = min(history.attempts + in_place, MAX_ATTEMPTS)
             token = _ATTEMPT.set(
                 Attempt(
-                    attempt=history.attempts + in_place,
+                    attempt=attempts,
                     in_place_attempt=in_place,
                     redrive_count=history.redrive_count,
                     first_failure=first_failure,
@@ -550,7 +552,7 @@ class RetryEngine:
                 record,
                 view,
                 error,
-                attempts=history.attempts + in_place,
+                attempts=attempts,
                 first_failure=first_failure,
                 last_failure=now,
                 redrive_count=history.redrive_count,
