@@ -646,6 +646,28 @@ async def test_with_key_ordering_a_dead_letter_that_cannot_be_written_stops_its_
     assert engine.free_slots == engine.concurrency
 
 
+@pytest.mark.parametrize("ordering", [Ordering.UNORDERED, Ordering.KEY])
+async def test_records_cancelled_before_their_first_step_give_back_their_slots_and_their_key(ordering):
+    # Given two records of one key taken in, whose tasks have not run a single step yet,
+    handled: list[int] = []
+
+    async def handle(record: KafkaRecord) -> None:
+        handled.append(record.offset)
+
+    c = consumer(handle, ordering=ordering, concurrency=4)
+    await c.deliver("orders", b"v", key=b"a")
+    await c.deliver("orders", b"v", key=b"a")
+    # when they are cancelled (a forced stop),
+    assert await c.engine.cancel() == 2
+    # then their slots are free again, and a later record of that key runs.
+    assert c.engine.free_slots == 4
+    later = await c.deliver("orders", b"v", key=b"a")
+    await c.drain(timeout=5)
+    await c.close()
+    assert handled == [later.offset]
+    assert c.engine.free_slots == 4
+
+
 async def test_with_key_ordering_records_without_a_key_run_unordered():
     order: list[int] = []
 

@@ -374,7 +374,7 @@ class RetryEngine:
         self._free -= 1
         self.counters.received += 1
         if self.ordering is not Ordering.KEY or record.key is None:
-            self._spawn(self._run_one(record))
+            self._spawn(self._guarded(record), self._release)
             return
         lane_id = (record.topic, record.key)
         if lane_id in self._stopped_keys:
@@ -385,8 +385,8 @@ class RetryEngine:
         if lane is not None:
             lane.append(record)
             return
-        self._lanes[lane_id] = deque([record])
-        self._spawn(self._run_lane(lane_id))
+        lane = self._lanes[lane_id] = deque([record])
+        self._spawn(self._run_lane(lane_id, lane), lambda: self._close_lane(lane_id, lane))
 
     def _leave_undone(self, record: KafkaRecord) -> None:
         """Give ``record`` up without an outcome: not marked done, so it is not committed and is read again."""
@@ -400,25 +400,25 @@ class RetryEngine:
             record.offset,
         )
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any], cleanup: Callable[[], None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        # A done callback, not a finally in ``work``: a task cancelled before its first step never runs its
+        # coroutine's body, and its slots (and its key's lane) would stay taken for good.
+        def finished(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            cleanup()
+
+        task.add_done_callback(finished)
 
     def _release(self) -> None:
         self._free += 1
         self._freed.set()
 
-    async def _run_one(self, record: KafkaRecord) -> None:
-        try:
-            await self._guarded(record)
-        finally:
-            self._release()
-
-    async def _run_lane(self, lane_id: tuple[str, bytes]) -> None:
+    async def _run_lane(self, lane_id: tuple[str, bytes], lane: deque[KafkaRecord]) -> None:
         # One task per busy key works through the key's records in order; the next record of the key starts only
         # once the previous one's outcome is durable. Each record in the lane holds its own slot.
-        lane = self._lanes[lane_id]
         try:
             while lane:
                 durable = await self._guarded(lane[0])
@@ -431,10 +431,18 @@ class RetryEngine:
                     while lane:
                         self._leave_undone(lane.popleft())
         finally:
-            # Cancelled: the records still queued (the running one included) give back their slots.
-            for _ in lane:
-                self._release()
-            del self._lanes[lane_id]
+            # At once, not in the task's done callback: until then a new record of the key would join this lane.
+            self._close_lane(lane_id, lane)
+
+    def _close_lane(self, lane_id: tuple[str, bytes], lane: deque[KafkaRecord]) -> None:
+        """End ``lane``, once: the records still in it (cancelled, the running one included) give back their
+        slots. Also the task's done callback, for a lane task cancelled before it ran at all."""
+        if self._lanes.get(lane_id) is not lane:
+            return  # closed already (and the key may have a new lane by now)
+        del self._lanes[lane_id]
+        for _ in lane:
+            self._release()
+        lane.clear()
 
     async def _guarded(self, record: KafkaRecord) -> bool:
         """Process ``record``; True once its outcome is durable, False when it has none (reported to the owner)."""
