@@ -387,27 +387,25 @@ class DLQHandler:
             else:
                 to_schedule.append((index, topic, Entry(dead_letter=decoded), now + int(self.first_delay * 1000)))
 
+        # Each record is done (and counted consumed) the moment its own outcome is durable, not once the whole
+        # batch is: a slow park must not leave a record that already recovered uncounted.
         async def schedule_all() -> None:
             if to_schedule:
                 await self.schedule.add([(entry, due) for _, _, entry, due in to_schedule])
+                for index, topic, _, _ in to_schedule:
+                    progress.done.add(index)
+                    self.metrics.count("consumed", topic)
                 self._wake.set()
 
-        results = await asyncio.gather(schedule_all(), *(park for _, _, park in parks), return_exceptions=True)
-        error: BaseException | None = None
-        if isinstance(results[0], BaseException):
-            error = results[0]
-        else:
-            for index, topic, _, _ in to_schedule:
-                progress.done.add(index)
-                self.metrics.count("consumed", topic)
-        for (index, topic, _), result in zip(parks, results[1:], strict=True):
+        async def park(index: int, topic: str, parking: Awaitable[None]) -> None:
+            await parking
+            progress.done.add(index)
+            self.metrics.count("consumed", topic)
+
+        results = await asyncio.gather(schedule_all(), *(park(*p) for p in parks), return_exceptions=True)
+        for result in results:
             if isinstance(result, BaseException):
-                error = error or result
-            else:
-                progress.done.add(index)
-                self.metrics.count("consumed", topic)
-        if error is not None:
-            raise error
+                raise result
 
     def _target(self, topic: str) -> Processor | None:
         if self.mode is Mode.REPUBLISH:

@@ -28,6 +28,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.driver_info import DriverInfo
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -241,16 +243,20 @@ def check_waitaof(reply: Any, timeout_ms: int = _WAITAOF_TIMEOUT_MS) -> None:
         )
 
 
-def connect_redis(url: str, max_connections: int = 32) -> aioredis.Redis:
-    """An asyncio Redis client for ``url``.
+def connect_redis(url: str, max_connections: int = 32, *, retries: int = 0) -> aioredis.Redis:
+    """An asyncio Redis client for ``url``; ``retries``: times a command is sent again on a new connection after
+    its connection failed (a pooled connection left from before a Redis restart fails its first command).
 
     The library version is given, not looked up: redis-py otherwise reads package metadata from disk for every new
     connection, which is file I/O on the event loop.
     """
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
+    retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries) if retries else None
     # A bounded pool that waits for a free connection: hundreds of concurrent retries share a few connections
     # instead of opening one each (and meeting the pool's "Too many connections").
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, driver_info=info)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=30, driver_info=info, retry=retry
+    )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
@@ -299,7 +305,10 @@ class RedisSchedule:
         self.server_version = ""
 
     async def start(self) -> None:
-        self._client = connect_redis(self.redis_url)
+        # A schedule script sent twice does no harm (a repeated add or finish finds its work done; a repeated claim
+        # leaves the first one's entries to come back when their lease ends), so a dropped connection is retried
+        # rather than failing a finish and running its record again after the lease.
+        self._client = connect_redis(self.redis_url, retries=2)
         try:
             info = await self._client.info("server")
             persistence = await self._client.info("persistence")
