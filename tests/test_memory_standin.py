@@ -103,6 +103,7 @@ async def test_a_record_that_succeeds_is_processed_once_and_committed():
         "dead_lettered": 0,
         "dead_lettered_non_retryable": 0,
         "left_undone": 0,
+        "released_at_revoke": 0,
         "in_flight": 0,
     }
 
@@ -606,6 +607,7 @@ async def test_with_key_ordering_a_dead_letter_that_cannot_be_written_stops_its_
     done: list[int] = []
     handled: list[int] = []
     errors: list[BaseException] = []
+    released: list[int] = []
     refused = KafkaClientError("topic authorization failed", fatal=True)
 
     async def handle(record: KafkaRecord) -> None:
@@ -624,6 +626,7 @@ async def test_with_key_ordering_a_dead_letter_that_cannot_be_written_stops_its_
         classifier=Classifier(non_retryable=[KeyError]),
         ordering=Ordering.KEY,
         on_error=errors.append,
+        release=lambda record: released.append(record.offset),
     )
 
     def record(offset: int, key: bytes) -> KafkaRecord:
@@ -637,13 +640,106 @@ async def test_with_key_ordering_a_dead_letter_that_cannot_be_written_stops_its_
     assert await engine.drain(timeout=5)
 
     # then the failure is reported, key a's later records neither ran nor were marked done (they are read again
-    # after a restart, behind the first), and key b went on.
+    # after a restart, behind the first), and key b went on;
     assert errors == [refused]
     assert handled == [0, 2]
     assert done == [2]
     assert engine.metrics()["left_undone"] == 4
     assert engine.in_flight == 0
     assert engine.free_slots == engine.concurrency
+    # and every record given up was handed back, so that its source no longer waits for it (a revoke would).
+    assert released == [0, 1, 3, 4]
+
+
+async def test_with_key_ordering_a_stopped_key_runs_again_once_its_partition_was_revoked():
+    # Given a key stopped on partition 0 by a dead letter that could not be written,
+    handled: list[tuple[int, int]] = []
+    refuse = True
+
+    async def handle(record: KafkaRecord) -> None:
+        handled.append((record.partition, record.offset))
+        raise KeyError("gone")
+
+    async def write(topic: str, encoded: object, dead_letter: DeadLetter) -> None:
+        if refuse:
+            raise KafkaClientError("topic authorization failed", fatal=True)
+
+    engine = RetryEngine(
+        handle,
+        group_id="g",
+        write_dead_letter=write,
+        mark_done=lambda record: None,
+        classifier=Classifier(non_retryable=[KeyError]),
+        ordering=Ordering.KEY,
+        on_error=lambda error: None,
+    )
+
+    def record(partition: int, offset: int) -> KafkaRecord:
+        return KafkaRecord(topic="orders", partition=partition, offset=offset, key=b"a", value=b"v")
+
+    await engine.submit(record(0, 0))
+    assert await engine.drain(timeout=5)
+    refuse = False
+    # when another partition is revoked, the key stays stopped;
+    engine.revoke([("orders", 1)])
+    await engine.submit(record(0, 1))
+    assert await engine.drain(timeout=5)
+    assert handled == [(0, 0)]
+    # but once its own partition is revoked (and comes back, read again from the record that stopped it),
+    assert engine.revoke([("orders", 0)]) == 0
+    await engine.submit(record(0, 0))
+    assert await engine.drain(timeout=5)
+    # then the key runs again.
+    assert handled == [(0, 0), (0, 0)]
+    assert engine.metrics()["dead_lettered"] == 1
+
+
+async def test_with_key_ordering_a_revoke_hands_back_the_records_waiting_behind_their_key():
+    # Given key ordering and key a's first record on partition 0 in progress, with two more of key a queued behind
+    # it, one more of key a from partition 1 behind those, and key b's record on partition 0 running alone,
+    release = asyncio.Event()
+    started: list[tuple[int, int]] = []
+    done: list[tuple[int, int]] = []
+    released: list[tuple[int, int]] = []
+
+    async def handle(record: KafkaRecord) -> None:
+        started.append((record.partition, record.offset))
+        if (record.partition, record.offset) == (0, 0):
+            await release.wait()
+
+    engine = RetryEngine(
+        handle,
+        group_id="g",
+        write_dead_letter=lambda topic, encoded, dead_letter: asyncio.sleep(0),
+        mark_done=lambda record: done.append((record.partition, record.offset)),
+        ordering=Ordering.KEY,
+        concurrency=8,
+        release=lambda record: released.append((record.partition, record.offset)),
+    )
+
+    def record(partition: int, offset: int, key: bytes) -> KafkaRecord:
+        return KafkaRecord(topic="orders", partition=partition, offset=offset, key=key, value=b"v")
+
+    for partition, offset, key in [(0, 0, b"a"), (0, 1, b"a"), (0, 2, b"a"), (1, 0, b"a"), (0, 3, b"b")]:
+        await engine.submit(record(partition, offset, key))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert started == [(0, 0), (0, 3)]
+    # when partition 0 is revoked,
+    assert engine.revoke([("orders", 0)]) == 2
+    # then the two waiting records of partition 0 are handed back at once, their slots free, while the running
+    # one goes on;
+    assert released == [(0, 1), (0, 2)]
+    assert engine.free_slots == 8 - 2  # taken: key a's running record, and partition 1's behind it (b is done)
+    assert engine.metrics()["released_at_revoke"] == 2
+    release.set()
+    assert await engine.drain(timeout=5)
+    # the records handed back never run here (the next owner reads them); partition 1's record of the key still
+    # runs after the one before it.
+    assert started == [(0, 0), (0, 3), (1, 0)]
+    assert sorted(done) == [(0, 0), (0, 3), (1, 0)]
+    assert engine.in_flight == 0
+    assert engine.free_slots == 8
 
 
 @pytest.mark.parametrize("ordering", [Ordering.UNORDERED, Ordering.KEY])

@@ -347,6 +347,57 @@ async def test_with_key_ordering_a_later_record_never_overtakes_an_earlier_one_i
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 8}
 
 
+async def test_with_key_ordering_a_rebalance_hands_back_the_records_waiting_behind_a_key_in_retry(
+    kafka_bootstrap, topics, group_id, caplog
+):
+    # Given ten records of one key, each failing for its whole in-place budget (about 1 s), under key ordering: run
+    # one after the other they take twice the revoke timeout (4.8 s here),
+    source, dlq = await asyncio.to_thread(topics)
+    total = 10
+    await asyncio.to_thread(seed, kafka_bootstrap, source, [(b"hot", b"%d" % i, []) for i in range(total)])
+    first_calls: Counter[int] = Counter()
+
+    async def handle(record: KafkaRecord) -> None:
+        if current_attempt().in_place_attempt == 1:
+            first_calls[record.offset] += 1
+        raise ConnectionError("inventory service said 503")
+
+    def member() -> RetryingConsumer:
+        return retrying(
+            handle,
+            kafka_bootstrap,
+            group_id,
+            source,
+            dlq,
+            ordering=Ordering.KEY,
+            policy=RetryPolicy(backoff="fixed", initial_delay=0.3, jitter=Jitter.NONE, max_attempts=10),
+            retry_budget=1.0,
+            consumer_config={"max.poll.interval.ms": 6000, "session.timeout.ms": 6000},
+        )
+
+    first = member()
+    async with first:
+        await wait_for(lambda: first_calls[0] == 1, 30, "the first record in retry")
+        # when a second member joins the group while the key is in retry,
+        second = member()
+        async with second:
+            await wait_for(lambda: first.get_metrics()["partitions_revoked"] >= 1, 30, "the rebalance")
+            deadline = asyncio.get_running_loop().time() + 60
+            while await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) != {0: total}:
+                assert asyncio.get_running_loop().time() < deadline, "the records were not all dead-lettered"
+                await asyncio.sleep(0.5)
+    metrics = first.get_metrics()
+
+    # then the records still waiting behind the key were handed back at the revoke, which waited only for the
+    # one running (it did not give up on records in progress),
+    assert metrics["released_at_revoke"] >= 1
+    assert not [r for r in caplog.records if "still in progress at revoke" in r.getMessage()]
+    # and the partition's next owner read them: each record was run by one member only, and dead-lettered once.
+    assert first_calls == Counter(range(total))
+    dead = await asyncio.to_thread(read_all, kafka_bootstrap, dlq, idle=2)
+    assert sorted(int(message.value()) for message in dead) == list(range(total))
+
+
 async def test_a_record_redriven_by_the_dlq_handler_carries_its_attempts_until_it_is_parked(
     kafka_bootstrap, redis_url, topics, group_id, unique_name
 ):

@@ -37,7 +37,9 @@ Decisions, each explained where it is made:
   behind its key holds a concurrency slot as a running one does, so at most ``concurrency`` records are taken in
   at once, running or waiting. When a record's dead letter cannot be written at all, its key stops: the records
   queued behind it (and any later one of that key) are left undone, not marked done, so that after a restart
-  they are read again behind it, in order.
+  (or by the partition's next owner) they are read again behind it, in order; the key stays stopped until its
+  partition is revoked. At a revoke, the records of the revoked partitions still waiting behind their key are
+  handed back unprocessed instead of run: only the record a key is running holds the rebalance.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+import itertools
 import logging
 import math
 import random
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -248,6 +251,7 @@ class _Counters:
     dead_lettered: int = 0
     dead_lettered_non_retryable: int = 0
     left_undone: int = 0
+    released_at_revoke: int = 0
     finished: int = 0
 
 
@@ -255,9 +259,13 @@ class RetryEngine:
     """Runs a handler on records: concurrency limit, ordering, classify, in-place retry, dead letter. No broker.
 
     ``write_dead_letter(topic, encoded, dead_letter)`` makes a dead letter durable; ``mark_done(record)`` is called
-    once the record's outcome is durable (processed, or its dead letter written), never before. ``sleep`` waits a
-    backoff; ``clock`` is the monotonic clock (seconds) the in-place budget is measured on, so a ``sleep`` that
-    does not wait (a test's) should move it on; ``now_ms`` is the wall clock for failure times.
+    once the record's outcome is durable (processed, or its dead letter written), never before; ``release(record)``
+    when the engine gives a record up without an outcome (left undone, or handed back by :meth:`revoke`), so that
+    its source stops waiting for it and reads it again later. Call :meth:`revoke` when partitions go to another
+    consumer. With key ordering, a key whose record has no durable outcome stays stopped until that record's
+    partition is revoked (the Kafka-backed consumer stops altogether on such a failure, through ``on_error``).
+    ``sleep`` waits a backoff; ``clock`` is the monotonic clock (seconds) the in-place budget is measured on, so a
+    ``sleep`` that does not wait (a test's) should move it on; ``now_ms`` is the wall clock for failure times.
 
     >>> engine = RetryEngine(handle, group_id="orders", write_dead_letter=write, mark_done=done)  # doctest: +SKIP
     >>> await engine.submit(record)                                  # doctest: +SKIP
@@ -284,6 +292,7 @@ class RetryEngine:
         now_ms: Callable[[], int] = _now_ms,
         rng: random.Random | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        release: Callable[[KafkaRecord], None] | None = None,
     ) -> None:
         if not callable(handler):
             raise ConfigError(f"the handler must be a function of a KafkaRecord, got {handler!r}")
@@ -316,6 +325,7 @@ class RetryEngine:
         self._now_ms = now_ms
         self._rng = rng or random.Random()
         self._on_error = on_error
+        self._hand_back = release
         # An object with an ``async def __call__`` is an async handler too.
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
         self._executor: ThreadPoolExecutor | None = None
@@ -330,7 +340,8 @@ class RetryEngine:
                 "any number" if wanted is None else wanted,
             )
         self._lanes: dict[tuple[str, bytes], deque[KafkaRecord]] = {}
-        self._stopped_keys: set[tuple[str, bytes]] = set()
+        # A stopped key, with the partitions whose records of it stopped it: it stays stopped until they are revoked.
+        self._stopped_keys: dict[tuple[str, bytes], set[int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
 
@@ -348,7 +359,8 @@ class RetryEngine:
         """Records submitted whose outcome is not durable yet (running, in backoff, or waiting behind their key).
         Records left undone (``left_undone``: cancelled, or given up with no durable outcome) are not in flight:
         nothing more happens to them here, and they are read again after a restart."""
-        return self.counters.received - self.counters.finished - self.counters.left_undone
+        counters = self.counters
+        return counters.received - counters.finished - counters.left_undone - counters.released_at_revoke
 
     @property
     def free_slots(self) -> int:
@@ -392,6 +404,7 @@ class RetryEngine:
         """Give ``record`` up without an outcome: not marked done, so it is not committed and is read again."""
         self.counters.left_undone += 1
         self._release()
+        self._give_back(record)
         log.warning(
             "%s/%d/%d is left undone behind an earlier record of its key that has no durable outcome; it is read "
             "again after a restart",
@@ -416,18 +429,64 @@ class RetryEngine:
         self._free += 1
         self._freed.set()
 
+    def _give_back(self, record: KafkaRecord) -> None:
+        # Nothing more happens to it here: its source must not wait for it (a revoke would, to its timeout).
+        if self._hand_back is not None:
+            self._hand_back(record)
+
+    def revoke(self, partitions: Iterable[tuple[str, int]]) -> int:
+        """``partitions`` are going to another consumer: hand back their records that wait behind their key and
+        have not started, and lift the stops of their keys; returns how many records were handed back.
+
+        A revoke waits for every record of the partitions still in progress, and a key may have up to
+        ``concurrency`` records queued: run one after the other, they would outlast the revoke's timeout, which
+        then commits what is done and lets the partition go while this consumer runs the rest of the queue, as
+        the next owner reads the same records again. Handed back instead (through ``release``, their slots
+        freed, counted in ``released_at_revoke``), they are not committed past and the next owner reads them, in
+        order. The record a key is running finishes: its in-place budget fits in the revoke's wait.
+        """
+        gone = set(partitions)
+        if not gone:
+            return 0
+        handed_back = 0
+        for lane in list(self._lanes.values()):
+            # lane[0] is running (or its task about to start it): it stays; only the queue behind it goes.
+            waiting = [record for record in itertools.islice(lane, 1, None) if (record.topic, record.partition) in gone]
+            if not waiting:
+                continue
+            head = lane.popleft()
+            kept = [record for record in lane if (record.topic, record.partition) not in gone]
+            lane.clear()
+            lane.append(head)
+            lane.extend(kept)
+            for record in waiting:
+                self.counters.released_at_revoke += 1
+                self._release()
+                self._give_back(record)
+            handed_back += len(waiting)
+        # A key stopped by a record of a revoked partition: that record (and those behind it) are the next owner's
+        # to read, in order; should the partition come back here, they must run again, not be left undone.
+        for lane_id, stopped_by in list(self._stopped_keys.items()):
+            stopped_by.difference_update(partition for topic, partition in gone if topic == lane_id[0])
+            if not stopped_by:
+                del self._stopped_keys[lane_id]
+        if handed_back:
+            log.info("%d records waiting behind their key handed back at a revoke, for the next owner", handed_back)
+        return handed_back
+
     async def _run_lane(self, lane_id: tuple[str, bytes], lane: deque[KafkaRecord]) -> None:
         # One task per busy key works through the key's records in order; the next record of the key starts only
         # once the previous one's outcome is durable. Each record in the lane holds its own slot.
         try:
             while lane:
-                durable = await self._guarded(lane[0])
+                record = lane[0]
+                durable = await self._guarded(record)
                 lane.popleft()
                 self._release()
                 if not durable:
                     # Marking the later records done would commit past the earlier one, whose redelivery would
                     # then come after them: stop the key, leave its records for the next owner, in order.
-                    self._stopped_keys.add(lane_id)
+                    self._stopped_keys.setdefault(lane_id, set()).add(record.partition)
                     while lane:
                         self._leave_undone(lane.popleft())
         finally:
@@ -455,6 +514,7 @@ class RetryEngine:
             # done, so it is read again after a restart; the owner must know, so it is reported, never swallowed.
             self.counters.left_undone += 1
             log.exception("record %s/%d/%d has no durable outcome", record.topic, record.partition, record.offset)
+            self._give_back(record)
             if self._on_error is not None:
                 self._on_error(exc)
             return False
@@ -482,7 +542,8 @@ class RetryEngine:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         # Records cancelled (running, in backoff or queued in a lane) have no outcome: they are read again.
-        self.counters.left_undone = self.counters.received - self.counters.finished
+        counters = self.counters
+        counters.left_undone = counters.received - counters.finished - counters.released_at_revoke
         return left
 
     def close(self) -> None:
@@ -749,6 +810,7 @@ class RetryingConsumer:
             spring_compatible=spring_compatible,
             handler_timeout=handler_timeout,
             on_error=self._fail,
+            release=self._release,
         )
         for topic in self.topics:
             if not topic.startswith("^") and self._engine.dlq_topic_for(topic) in self.topics:
@@ -777,7 +839,8 @@ class RetryingConsumer:
     def get_metrics(self) -> dict[str, int]:
         """Counters: received, processed, failed_attempts, retried_in_place, dead_lettered (of which
         dead_lettered_non_retryable went straight there), left_undone (cancelled at a stop, or with no durable
-        outcome: read again after a restart), in_flight, partitions_assigned, partitions_revoked."""
+        outcome: read again after a restart), released_at_revoke (waiting behind their key at a revoke: handed
+        back for the next owner), in_flight, partitions_assigned, partitions_revoked."""
         return {
             **self._engine.metrics(),
             "partitions_assigned": self._assigned,
@@ -893,6 +956,10 @@ class RetryingConsumer:
         assert self._consumer is not None
         self._consumer.done(record)
 
+    def _release(self, record: KafkaRecord) -> None:
+        if self._consumer is not None:
+            self._consumer.release(record)
+
     async def _write_dead_letter(self, topic: str, encoded: EncodedRecord, dead_letter: DeadLetter) -> None:
         """Produce the dead letter and wait for its delivery report (``acks=all``); transient errors are retried,
         since the source offset must not be marked done before the dead letter is durable."""
@@ -939,4 +1006,7 @@ class RetryingConsumer:
         self._assigned += len(partitions)
 
     def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        # On the loop, while the client's thread waits for the revoked partitions' records in progress: the ones
+        # queued behind their key are handed back now, so that it waits only for those running.
         self._revoked += len(partitions)
+        self._engine.revoke(partitions)

@@ -275,6 +275,23 @@ class AsyncConsumer:
         if moved and self.commit_mode is CommitMode.TRACKED:
             self._moves += 1
 
+    def release(self, record: KafkaRecord) -> None:
+        """Hand ``record`` back unprocessed: it is no longer waited for (at a revoke, by the pause for
+        ``max_pending``), and the commit never passes it, so it is read again by its partition's next owner."""
+        self.release_many((record,))
+
+    def release_many(self, records: Iterable[KafkaRecord]) -> None:
+        """``release`` for each of ``records``, in one step."""
+        if threading.get_ident() != self._loop_thread:
+            # The offsets are the loop's to change; from another thread, the release goes through the loop.
+            if self._thread is not None:
+                self._thread.call_on_loop(self.release_many, list(records))
+            return
+        for record in records:
+            held = self._offsets.get((record.topic, record.partition))
+            if held is not None and held.generation == record.generation:
+                held.release(record.offset)
+
     @staticmethod
     def _done_run(offsets_of: dict[TP, PartitionOffsets], key: tuple[str, int, int], run: list[int]) -> bool:
         offsets = offsets_of.get((key[0], key[1]))

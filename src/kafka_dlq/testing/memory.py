@@ -99,6 +99,7 @@ class MemoryRetryingConsumer:
             sleep=self._sleep,
             clock=_clock,
             on_error=self._failed,
+            release=self._release,
             **options,
         )
         self.wait_backoffs = wait_backoffs
@@ -230,6 +231,10 @@ class MemoryRetryingConsumer:
         if not self.dead_lettered(record):
             self.processed.append(record)
         self._offsets[(record.topic, record.partition)].done(record.offset)
+
+    def _release(self, record: KafkaRecord) -> None:
+        # Given up without an outcome: no longer waited for, never committed past (read again, as in Kafka).
+        self._offsets[(record.topic, record.partition)].release(record.offset)
 
     async def _sleep(self, seconds: float) -> None:
         self.backoffs.append(seconds)
