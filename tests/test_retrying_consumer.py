@@ -246,7 +246,7 @@ async def test_a_handler_slower_than_max_poll_interval_keeps_the_consumer_in_its
     assert calls == Counter({0: 1, 1: 1, 2: 1})
     assert (metrics["partitions_assigned"], metrics["partitions_revoked"]) == (1, 0)  # never left the group
     assert metrics["dead_lettered"] == 0
-    assert consumer.retry_budget == 3.0  # half of max.poll.interval.ms
+    assert consumer.retry_budget == pytest.approx(2.4)  # half of the revoke timeout, 80% of max.poll.interval.ms
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 3}
 
 
@@ -453,18 +453,18 @@ def _noop(record: KafkaRecord) -> None:
     return None
 
 
-def test_the_in_place_budget_is_capped_at_half_of_max_poll_interval():
+def test_the_in_place_budget_is_capped_at_half_of_the_revoke_timeout():
     consumer = RetryingConsumer(
         _noop,
         topics=["orders"],
         group_id="g",
         bootstrap_servers="127.0.0.1:9",
         retry_budget=60,
-        consumer_config={"max.poll.interval.ms": "20000"},
+        consumer_config={"max.poll.interval.ms": "10000"},
     )
-    assert consumer.retry_budget == 10.0
+    assert consumer.retry_budget == 4.0  # the revoke timeout is 8 s, 80% of max.poll.interval.ms
     default = RetryingConsumer(_noop, topics=["orders"], group_id="g", bootstrap_servers="127.0.0.1:9")
-    assert default.retry_budget == 10.0
+    assert default.retry_budget == 7.5  # the revoke timeout is 15 s at most
     assert default.dlq_topic_for("orders") == "orders.dlq"
 
 

@@ -18,12 +18,14 @@ Decisions, each explained where it is made:
   backoff would end past the budget is not taken, the record goes to the DLQ. And whatever the policy or the
   handler says (``RetryLater`` included, whose delay may be 0), a delivery gets at most ``policy.max_attempts``
   calls and never more than :data:`MAX_IN_PLACE_ATTEMPTS`: in-place retry is short by design, the DLQ handler is
-  where long retries belong. The Kafka-backed consumer caps the budget at half of ``max.poll.interval.ms`` and at
-  its revoke timeout. The client thread keeps polling while handlers run, so group membership is never at risk
-  from a slow handler; but at a rebalance the thread waits (in the revoke callback, not polling) for records in
-  progress, for at most the revoke timeout, and the coordinator gives members ``max.poll.interval.ms`` to rejoin.
-  A record in a longer retry would hold the rebalance, then be read again by the partition's next owner. One call
-  is bounded only by ``handler_timeout``: a retry started within the budget may end after it.
+  where long retries belong. The Kafka-backed consumer caps the budget at half of its revoke timeout (the revoke
+  timeout is 80% of ``max.poll.interval.ms``, 15 s at most: so 7.5 s at most). The client thread keeps polling
+  while handlers run, so group membership is never at risk from a slow handler; but at a rebalance the thread
+  waits (in the revoke callback, not polling) for records in progress, for at most the revoke timeout, and the
+  coordinator gives members ``max.poll.interval.ms`` to rejoin. A record in a longer retry would hold the
+  rebalance, then be read again by the partition's next owner. Half, not all of it: one call is bounded only by
+  ``handler_timeout``, so a retry started just inside the budget runs on after it, and the other half is its
+  room to end before the revoke gives up.
 - **Redrive carry-forward.** A record carrying native dead-letter headers (a redrive or the DLQ handler's
   republish mode sent it back) is decoded with :func:`kafka_dlq.formats.decode`: its attempts, first failure and
   redrive count carry over into the next dead letter, so a record's history is never reset by a round trip.
@@ -701,7 +703,7 @@ class RetryEngine:
 # ---------------------------------------------------------------- the Kafka-backed consumer
 
 
-_BUDGET_SHARE_OF_POLL_INTERVAL = 0.5
+_BUDGET_SHARE_OF_REVOKE_TIMEOUT = 0.5
 _REVOKE_SHARE_OF_POLL_INTERVAL = 0.8
 _MAX_REVOKE_TIMEOUT = 15.0
 _DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
@@ -725,8 +727,8 @@ class RetryingConsumer:
     ...     await stop_event.wait()
 
     ``policy`` is the in-place policy (default: :func:`default_in_place_policy`); ``retry_budget`` bounds the time
-    one record spends in in-place retries from its first call, handler time included (capped at half of
-    ``max.poll.interval.ms`` and at the revoke timeout, 15 s at most; see the module's notes). Records in
+    one record spends in in-place retries from its first call, handler time included (capped at half of the
+    revoke timeout, which is 80% of ``max.poll.interval.ms`` and 15 s at most; see the module's notes). Records in
     progress at :meth:`stop` get ``timeout`` seconds to finish; the rest are cancelled and read again by the next
     consumer of the group. ``kafka_config`` goes to both clients (``bootstrap.servers``, security);
     ``consumer_config`` only to the consumer (``max.poll.interval.ms``, ``session.timeout.ms`` ...) and
@@ -778,16 +780,17 @@ class RetryingConsumer:
         wanted = _seconds("retry_budget", retry_budget)
         revoke_timeout = min(_MAX_REVOKE_TIMEOUT, poll_interval * _REVOKE_SHARE_OF_POLL_INTERVAL)
         # A record in retry at a rebalance holds the revoke callback: its retries must end before the callback
-        # gives up on it (the revoke timeout) and well inside the time the group gives members to rejoin.
-        budget = min(wanted, poll_interval * _BUDGET_SHARE_OF_POLL_INTERVAL, revoke_timeout)
+        # gives up on it (the revoke timeout), and its last call, started just inside the budget, needs room to
+        # end too. (Half the revoke timeout is also below half of max.poll.interval.ms, the rejoin deadline.)
+        budget = min(wanted, revoke_timeout * _BUDGET_SHARE_OF_REVOKE_TIMEOUT)
         if budget < wanted:
             log.info(
-                "retry_budget %.1f s capped at %.1f s: at most half of max.poll.interval.ms (%.0f ms) and the "
-                "revoke timeout (%.1f s)",
+                "retry_budget %.1f s capped at %.1f s: at most half of the revoke timeout (%.1f s; 80%% of "
+                "max.poll.interval.ms, %.0f ms, and 15 s at most)",
                 wanted,
                 budget,
-                poll_interval * 1000,
                 revoke_timeout,
+                poll_interval * 1000,
             )
         self.topics = list(topics)
         self.group_id = group_id
