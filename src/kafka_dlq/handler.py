@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
@@ -339,7 +340,9 @@ class DLQHandler:
         outcome is durable. Raises the first error after recording every outcome that did go through."""
         now = _now_ms()
         to_schedule: list[tuple[int, str, Entry, int]] = []
-        parks: list[tuple[int, str, Awaitable[None]]] = []
+        # Parks are started together once the batch is read (as callables, so that an error while reading the
+        # batch leaves no coroutine that is never awaited).
+        parks: list[tuple[int, str, Callable[[], Awaitable[None]]]] = []
         for index, record in enumerate(batch):
             if index and index % 100 == 0:
                 await asyncio.sleep(0)  # decoding is CPU work: let the loop serve others between slices
@@ -347,7 +350,7 @@ class DLQHandler:
                 continue
             decoded = decode(record)
             if isinstance(decoded, Undecodable):
-                parks.append((index, record.topic, self._park_raw(record, Reason.UNDECODABLE, decoded.reason)))
+                parks.append((index, record.topic, partial(self._park_raw, record, Reason.UNDECODABLE, decoded.reason)))
                 continue
             topic = decoded.original.topic
             if self.keys is KeyFormat.TEXT and (problem := _key_problem(decoded.original.key)) is not None:
@@ -356,7 +359,7 @@ class DLQHandler:
                     f"the original key is not UTF-8 text ({problem}): if this topic's keys are binary, "
                     'accept them byte for byte with DLQHandler(keys=KeyFormat.BYTES) (config: keys = "bytes")',
                 )
-                parks.append((index, topic, self._park(record.topic, decoded, decision)))
+                parks.append((index, topic, partial(self._park, record.topic, decoded, decision)))
                 continue
             size = len(decoded.original.value or b"") + len(decoded.original.key or b"")
             if size > self.max_record_bytes:
@@ -365,7 +368,7 @@ class DLQHandler:
                     f"record is {size} bytes, over the handler's max_record_bytes "
                     f"({self.max_record_bytes}): raise it to process such records",
                 )
-                parks.append((index, topic, self._park(record.topic, decoded, decision)))
+                parks.append((index, topic, partial(self._park, record.topic, decoded, decision)))
                 continue
             repeats = 0
             if decoded.redrive_count > 0 and self.classifier.repeat_offender_threshold is not None:
@@ -383,7 +386,7 @@ class DLQHandler:
                 repeat_failures=repeats,
             )
             if decision.outcome is Outcome.PARKED:
-                parks.append((index, topic, self._park(record.topic, decoded, decision)))
+                parks.append((index, topic, partial(self._park, record.topic, decoded, decision)))
             else:
                 to_schedule.append((index, topic, Entry(dead_letter=decoded), now + int(self.first_delay * 1000)))
 
@@ -397,8 +400,8 @@ class DLQHandler:
                     self.metrics.count("consumed", topic)
                 self._wake.set()
 
-        async def park(index: int, topic: str, parking: Awaitable[None]) -> None:
-            await parking
+        async def park(index: int, topic: str, parking: Callable[[], Awaitable[None]]) -> None:
+            await parking()
             progress.done.add(index)
             self.metrics.count("consumed", topic)
 
