@@ -6,6 +6,7 @@ async code runs them in a thread (``await asyncio.to_thread(create_topics, ...)`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from confluent_kafka import KafkaError, KafkaException
@@ -54,6 +55,40 @@ def create_topics(
             if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise KafkaDLQError(f"could not create topic {name!r} on {bootstrap_servers}: {exc}") from exc
+    _wait_until_served(admin, bootstrap_servers, topics, timeout)
+
+
+def _wait_until_served(admin: AdminClient, bootstrap_servers: str, topics: Mapping[str, int], timeout: float) -> None:
+    """Return once the broker's metadata has every topic with a leader for each of its partitions.
+
+    The controller says a topic exists a little before the broker serves it: a client that looks it up at once
+    (a producer's or consumer's start-up check) may otherwise hear "unknown topic" for a topic just made.
+    """
+    deadline = time.monotonic() + timeout
+    waiting = set(topics)
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+        except KafkaException:
+            metadata = None
+        if metadata is not None:
+            for name in list(waiting):
+                found = metadata.topics.get(name)
+                if (
+                    found is not None
+                    and found.error is None
+                    and found.partitions  # an existing topic may have another count than asked: any will do
+                    and all(p.leader >= 0 and p.error is None for p in found.partitions.values())
+                ):
+                    waiting.discard(name)
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            raise KafkaDLQError(
+                f"topics {sorted(waiting)} were created on {bootstrap_servers} but not served within {timeout:.0f} s: "
+                "check the broker's log"
+            )
+        time.sleep(0.05)
 
 
 def delete_topics(bootstrap_servers: str, names: list[str], *, timeout: float = 30.0) -> None:
