@@ -512,18 +512,10 @@ class PendingRetries:
         return entries, missing
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await self._scripts[script](keys=list(keys), args=list(args))
-        except RedisError as exc:
-            raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
-
-    async def _durable(self) -> None:
-        # As the handler's own writes: with AOF on (and WAITAOF there), an answer means it is on disk.
-        if self.schedule.waitaof:
-            try:
-                await self.schedule.client.execute_command("WAITAOF", 1, 0, 5000)  # type: ignore[no-untyped-call]
-            except RedisError as exc:
-                raise ScheduleError(f"Redis WAITAOF failed: {exc}") from exc
+        # Every script here changes the schedule: written as the handler's own writes are, so with AOF on (and
+        # WAITAOF there) an answer means it is on disk. WAITAOF goes on the script's own connection; sent apart, on
+        # another pooled connection, it would wait for none of these writes.
+        return await self.schedule.write_script(self._scripts[script], keys, args, what=script)
 
     @staticmethod
     def _sort(result: ActionResult, ids: Sequence[str], statuses: Sequence[Any]) -> None:
@@ -540,7 +532,6 @@ class PendingRetries:
             ids = [entry.id for entry in entries[start : start + _CHUNK]]
             statuses = await self._run("retry_now", [keys["due"], keys["inflight"], keys["claims"]], [_now_ms(), *ids])
             self._sort(result, ids, statuses)
-        await self._durable()
         return result
 
     async def drop(
@@ -562,7 +553,6 @@ class PendingRetries:
                 args,
             )
             self._sort(result, [entry.id for entry in chunk], statuses)
-        await self._durable()
         return result
 
     def _history(self, entry: PendingEntry, now: int, what: str, note: str | None) -> str:
@@ -609,7 +599,6 @@ class PendingRetries:
         async with producer:
             for start in range(0, len(entries), _CHUNK):
                 await self._park_chunk(producer, entries[start : start + _CHUNK], note, result)
-        await self._durable()
         return result
 
     def _poison_for(self, dlq_topic: str) -> str:

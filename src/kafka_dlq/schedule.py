@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -349,7 +350,11 @@ class RedisSchedule:
             raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
 
     async def _write(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a script that changes the schedule; return only once the change is durable.
+        return await self.write_script(self._scripts[script], keys, args, what=script)
+
+    async def write_script(self, source: AsyncScript, keys: Sequence[str], args: Sequence[Any], *, what: str) -> Any:
+        """Run ``source`` (a script registered on :attr:`client`) that changes the schedule; return only once the
+        change is durable. ``what`` names it in errors.
 
         With AOF on and a server that has WAITAOF (7.2+), ``WAITAOF 1 0 <timeout>`` follows the script on the same
         connection, in one non-transactional pipeline: WAITAOF waits for the writes of the connection it is sent
@@ -357,8 +362,10 @@ class RedisSchedule:
         (:func:`check_waitaof`).
         """
         if not self.waitaof:
-            return await self._run(script, keys, args)
-        source = self._scripts[script]
+            try:
+                return await source(keys=list(keys), args=list(args))
+            except RedisError as exc:
+                raise ScheduleError(f"Redis schedule {what} failed: {exc}") from exc
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
             pipe.evalsha(source.sha, len(keys), *keys, *args)
@@ -366,17 +373,17 @@ class RedisSchedule:
             try:
                 result, waited = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
-                raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
+                raise ScheduleError(f"Redis schedule {what} failed: {exc}") from exc
             if isinstance(result, NoScriptError):
                 # The server lost its script cache (a restart): load it and send the pair again; the script did
                 # not run, so nothing is written twice.
                 try:
                     source.sha = await self.client.script_load(source.script)
                 except RedisError as exc:
-                    raise ScheduleError(f"Redis schedule {script} failed: {exc}") from exc
+                    raise ScheduleError(f"Redis schedule {what} failed: {exc}") from exc
                 continue
             if isinstance(result, Exception):
-                raise ScheduleError(f"Redis schedule {script} failed: {result}") from result
+                raise ScheduleError(f"Redis schedule {what} failed: {result}") from result
             if isinstance(waited, Exception):
                 if "appendonly is disabled" in str(waited):
                     # An operator turned AOF off at run time: there is no file to wait for any more.
@@ -385,7 +392,7 @@ class RedisSchedule:
                 raise ScheduleError(f"Redis WAITAOF failed: {waited}") from waited
             check_waitaof(waited)
             return result
-        raise ScheduleError(f"Redis schedule {script} failed: the server keeps forgetting the script")
+        raise ScheduleError(f"Redis schedule {what} failed: the server keeps forgetting the script")
 
     async def add(self, entries: Iterable[tuple[Entry, int]]) -> int:
         """Schedule ``(entry, due_ms)`` pairs; an id already scheduled or recently finished is left alone."""

@@ -565,7 +565,8 @@ class KafkaServer(_Server):
 
 
 class RedisServer(_Server):
-    """A Redis server (the distribution's ``redis-server``) on loopback, optionally with AOF persistence."""
+    """A Redis server (the distribution's ``redis-server``, or ``binary``: a compatible one, such as Valkey's
+    ``valkey-server``) on loopback, optionally with AOF persistence."""
 
     name = "redis"
 
@@ -577,9 +578,11 @@ class RedisServer(_Server):
         appendonly: bool = False,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 20.0,
+        binary: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(data_dir, startup_timeout)
         self.port = port or free_port()
+        self.binary = binary
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.version: str | None = None
@@ -592,7 +595,11 @@ class RedisServer(_Server):
         """Start redis-server and return once it answers PING."""
         if self.running:
             return self
-        binary = _which("redis-server", "install Redis (Debian: apt-get install redis-server) or run `make setup`")
+        binary = (
+            os.fspath(self.binary)
+            if self.binary is not None
+            else _which("redis-server", "install Redis (Debian: apt-get install redis-server) or run `make setup`")
+        )
         _check_port_free(self.port, "Redis")
         argv = [
             binary,
