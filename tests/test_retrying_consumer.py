@@ -17,6 +17,7 @@ from kafka_dlq.errors import ConfigError, TopicNotFoundError
 from kafka_dlq.formats import EncodedRecord, SourceFormat, decode, encode_native
 from kafka_dlq.handler import DLQHandler, Mode
 from kafka_dlq.kafka import KafkaRecord
+from kafka_dlq.kafka._thread import ClientState
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.policy import Jitter, RetryPolicy
@@ -437,6 +438,31 @@ async def test_a_record_redriven_by_the_dlq_handler_carries_its_attempts_until_i
     assert isinstance(parked, DeadLetter)
     assert (parked.attempts, parked.reason, parked.first_failure) == (3, "max_attempts", first_failure)
     assert parked.original.headers == (("traceparent", b"00-ab"),)
+
+
+async def test_a_stop_whose_consumer_fails_to_close_still_closes_the_rest_and_ends_run(
+    kafka_bootstrap, topics, group_id, monkeypatch
+):
+    # Given a running consumer whose Kafka consumer raises as it closes,
+    source, dlq = await asyncio.to_thread(topics)
+    consumer = retrying(_noop, kafka_bootstrap, group_id, source, dlq)
+    running = asyncio.create_task(consumer.run())
+    await wait_for(lambda: consumer.get_metrics()["partitions_assigned"] == 1, 30, "the assignment")
+    kafka_consumer, producer = consumer._consumer, consumer._producer
+    assert kafka_consumer is not None and producer is not None
+    close = kafka_consumer.stop
+
+    async def failing_stop(timeout: float = 30.0) -> None:
+        await close(timeout)
+        raise RuntimeError("close failed")
+
+    monkeypatch.setattr(kafka_consumer, "stop", failing_stop)
+    # when it is stopped, the error is raised,
+    with pytest.raises(RuntimeError, match="close failed"):
+        await consumer.stop()
+    # and yet the producer is closed too, and run() returns.
+    assert producer.state is ClientState.CLOSED
+    await asyncio.wait_for(running, 10)
 
 
 async def test_a_missing_dlq_topic_is_a_clear_error_at_start(kafka_bootstrap, topic, group_id):

@@ -898,7 +898,15 @@ class RetryingConsumer:
             self._intake.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._intake
-        try:
+        async with contextlib.AsyncExitStack() as closing:
+            # Each step runs whatever the ones before it raise (last in, first out): the producer's thread must
+            # end, and run() waits on _stopped.
+            closing.callback(self._stopped.set_result, None)
+            closing.callback(self._engine.close)
+            if self._producer is not None:
+                closing.push_async_callback(self._producer.stop, close_timeout)
+            if self._consumer is not None:
+                closing.push_async_callback(self._consumer.stop, close_timeout)
             if not await self._engine.drain(timeout):
                 cancelled = await self._engine.cancel()
                 log.warning(
@@ -908,13 +916,6 @@ class RetryingConsumer:
                     cancelled,
                     timeout,
                 )
-        finally:
-            if self._consumer is not None:
-                await self._consumer.stop(close_timeout)
-            if self._producer is not None:
-                await self._producer.stop(close_timeout)
-            self._engine.close()
-            self._stopped.set_result(None)
 
     async def run(self) -> None:
         """Start (if not started), handle records until :meth:`stop` is called, and raise what made it stop, if
