@@ -17,6 +17,7 @@ from kafka_dlq.formats.seed import ENVELOPE_FIELDS
 from kafka_dlq.kafka.record import KafkaRecord
 from kafka_dlq.outcomes import Reason
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
+from kafka_dlq.redrive import Outgoing, redrive_record
 
 DLQ = DlqCoordinates(topic="mixed.dlq", partition=0, offset=5)
 
@@ -295,3 +296,31 @@ def test_given_any_dead_letter_when_encoded_natively_and_decoded_then_it_is_the_
     result = decode(record(*encoded.headers, value=encoded.value, key=encoded.key))
 
     assert result == dataclasses.replace(dead_letter, dlq=DLQ)
+
+
+def redriven_home() -> tuple[tuple[str, bytes | None], ...]:
+    """The headers a redrive sends home with a record: its own, then its failure history and the loop guard."""
+    original = OriginalRecord(topic="orders", key=b"k", value=b"v", headers=(("traceparent", b"t"),))
+    out = redrive_record(DeadLetter(original=original, attempts=3, first_failure=1_700_000_000_000))
+    assert isinstance(out, Outgoing)
+    return tuple(out.headers)
+
+
+def test_given_a_redriven_record_that_failed_again_in_the_seed_system_when_decoded_then_it_is_a_seed_dead_letter():
+    # The seed publisher keeps the record's headers on its JSON envelope: redrive's dlq.* headers come along.
+    envelope = json.dumps({"original_topic": "orders", "original_value": "v", "attempt_count": 2}).encode()
+
+    dead_letter = decode(record(*redriven_home(), value=envelope))
+
+    assert isinstance(dead_letter, DeadLetter)
+    assert (dead_letter.source_format, dead_letter.original.topic) == (SourceFormat.SEED_JSON, "orders")
+    assert dead_letter.redrive_count == 1
+
+
+def test_given_a_redriven_record_forwarded_as_is_when_decoded_then_it_is_no_broken_native_dead_letter():
+    # A plain forwarder put the redriven record on the DLQ unchanged: no format at all, not "missing topic".
+    result = decode(record(*redriven_home(), value=b"v"))
+
+    assert isinstance(result, Undecodable)
+    assert result.source_format is None
+    assert "missing original topic" not in result.reason

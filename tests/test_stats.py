@@ -228,3 +228,16 @@ def test_stats_of_a_missing_topic_says_so(kafka_bootstrap):
 
     assert result.exit_code == 1
     assert "do not exist" in result.output
+
+
+def test_given_a_redriven_record_that_failed_again_in_the_seed_system_stats_counts_it_as_seed():
+    # A redrive's dlq.attempts/dlq.first.failure/dlq.redrive.count came along on the seed publisher's envelope.
+    headers = (("dlq.attempts", b"3"), ("dlq.first.failure", b"1700000000000"), ("dlq.redrive.count", b"1"))
+    envelope = {"original_topic": "orders", "original_value": "v", "error": "KeyError: x", "attempt_count": 1}
+    record = KafkaRecord(
+        topic="orders.dlq", partition=0, offset=0, timestamp=T0, value=json.dumps(envelope).encode(), headers=headers
+    )
+
+    topic, error, _, source, _, _ = summarize(record)
+
+    assert (topic, error, source) == ("orders", "KeyError", "seed-json")

@@ -103,7 +103,7 @@ def _iso(ms: int | None) -> str | None:
 # ---------------------------------------------------------------- one record, headers only
 
 _SPRING_DLT_TOPIC, _SPRING_RETRY_TOPIC = spring.DLT.topic, spring.RETRY.topic
-_NATIVE_FAILURE = native.HEADERS - {native.REDRIVE_COUNT}
+_NATIVE_FAILURE = native.HEADERS - native.CARRIED
 _CONNECT, _STREAMS, _SHARE = connect.CONNECT_PREFIX, connect.STREAMS_PREFIX, connect.SHARE_PREFIX
 # Plain strings (not the enum) in the tally: they are what the counts and the JSON show.
 _NATIVE, _SEED = SourceFormat.NATIVE.value, SourceFormat.SEED_JSON.value
@@ -194,7 +194,8 @@ def summarize(record: KafkaRecord) -> Summary:
         if "\0" + _SHARE in names and _starts(h, _SHARE):
             return (_topic(h.get(_SHARE + "topic")), None, reason, _SHARE_F, ts, ts)
         if not _NATIVE_FAILURE.isdisjoint(h):
-            # Native metadata without the original topic (a record parked raw as undecodable): undecodable.
+            # Native metadata without the original topic (a record parked raw as undecodable): undecodable. The
+            # headers a redrive sends home do not count: a system that keeps headers carries them along.
             return (None, _text(h.get(native.ERROR_CLASS)), reason, _NATIVE, ts, ts)
     value = record.value
     if not value or (value[0] in _NOT_JSON_OBJECT):

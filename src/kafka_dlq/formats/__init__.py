@@ -13,8 +13,10 @@ the original headers, since they were on the record before it failed):
    ``retry_topic-*`` header.
 4. Kafka Connect (``__connect.errors.*``), Kafka Streams (``__streams.errors.*``), share groups
    (``__dlq.errors.*``).
-5. native without its topic, when any other ``dlq.*`` metadata header is present (undecodable: missing original
-   topic). ``dlq.redrive.count`` alone does not count: redrive puts it on the original record as a loop guard.
+5. native without its topic, when a ``dlq.*`` metadata header other than the three a redrive sends home is
+   present (undecodable: missing original topic). ``dlq.attempts``, ``dlq.first.failure`` and
+   ``dlq.redrive.count`` do not count: redrive puts them on the original record, and a system that keeps its
+   headers carries them into its own dead letter when the record fails there again.
 6. the seed system's JSON envelope, when the value is a JSON object with an envelope field.
 
 Anything else is :class:`Undecodable` with ``source_format`` None. Whatever the format, a ``dlq.redrive.count``
@@ -61,7 +63,7 @@ _BY_HEADERS: tuple[tuple[SourceFormat, Callable[[str], bool], _Decoder], ...] = 
     (SourceFormat.STREAMS, lambda name: name.startswith(connect.STREAMS_PREFIX), connect.decode_streams),
     (SourceFormat.SHARE_GROUP, lambda name: name.startswith(connect.SHARE_PREFIX), connect.decode_share),
 )
-_NATIVE_FAILURE_HEADERS = native.HEADERS - {native.REDRIVE_COUNT}
+_NATIVE_FAILURE_HEADERS = native.HEADERS - native.CARRIED
 
 
 def _detect(record: KafkaRecord) -> tuple[SourceFormat, _Decoder]:

@@ -27,7 +27,7 @@ from kafka_dlq.kafka.record import Headers, KafkaRecord
 from kafka_dlq.outcomes import Reason
 from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
 
-__all__ = ["HEADERS", "decode_native", "encode_native"]
+__all__ = ["CARRIED", "HEADERS", "decode_native", "encode_native"]
 
 TOPIC = "dlq.original.topic"
 PARTITION = "dlq.original.partition"
@@ -59,8 +59,11 @@ HEADERS = frozenset(
         REDRIVE_COUNT,
     }
 )
-"""Every native metadata header. ``dlq.redrive.count`` alone does not make a record a dead letter: a redrive sends
-the original record back with it, as the loop guard."""
+"""Every native metadata header."""
+CARRIED = frozenset({ATTEMPTS, FIRST_FAILURE, REDRIVE_COUNT})
+"""The headers a redrive sends home with the original record (its failure history and the loop guard). They do
+not make a record a dead letter: a system that keeps its headers (a plain forwarder, the seed publisher's
+envelope, Spring, Connect) carries them into its own dead letter when the record fails again."""
 
 
 def decode_native(record: KafkaRecord) -> DeadLetter:
