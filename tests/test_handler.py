@@ -6,12 +6,13 @@ import asyncio
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection as RedisConnection
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier
@@ -23,7 +24,7 @@ from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.outcomes import Outcome, ParkNow, Reason
 from kafka_dlq.policy import Jitter, RetryPolicy
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure, OriginalRecord
-from kafka_dlq.schedule import Entry, RedisSchedule, ScheduleError, check_waitaof
+from kafka_dlq.schedule import Entry, RedisSchedule, ScheduleError, check_waitaof, connect_redis
 from kafka_dlq.testing.servers import RedisServer
 from tests.conftest import wait_for
 from tests.helpers import committed_offsets, read_all, seed
@@ -481,12 +482,74 @@ async def test_with_waitaof_each_schedule_write_waits_on_its_own_connection(redi
         assert writes, redis_sends
         for send in writes:
             assert b"EVALSHA" in send and b"WAITAOF" in send.partition(b"EVALSHA")[2], send
+            # and a write that is always made between them, so a resent script that writes nothing still waits
+            assert b"INCR" in send.partition(b"EVALSHA")[2].partition(b"WAITAOF")[0], send
         assert await schedule.client.hexists(schedule.keys["body"], _entry(1).id)
         if real:
             claimed, _ = await schedule.claim(10, 30)
             assert [c.entry.id for c in claimed] == [_entry(1).id]
             assert await schedule.finish(claimed[0], Outcome.RECOVERED)
             assert (await schedule.pending())["total"] == 0
+
+
+async def test_a_finish_sent_again_by_the_claim_that_made_it_is_done_not_a_lost_claim(redis_url, unique_name):
+    # A finish whose reply was lost with its connection is sent again: the entry is already finished by that claim.
+    async with RedisSchedule(redis_url, unique_name("refinish")) as schedule:
+        await schedule.add([(_entry(1), 0), (_entry(2), 0)])
+        claimed, _ = await schedule.claim(10, 30)
+        first, second = sorted(claimed, key=lambda c: c.entry.id)
+
+        assert await schedule.finish(first, Outcome.RECOVERED)
+        assert await schedule.finish(first, Outcome.RECOVERED)  # sent again
+        assert await schedule.finish(second, Outcome.RETRY, due_ms=int(time.time() * 1000) + HOUR_MS)
+        assert await schedule.finish(second, Outcome.RETRY, due_ms=int(time.time() * 1000) + HOUR_MS)
+
+        assert len(await schedule.history("recovered")) == 1  # done once
+        assert (await schedule.pending()) == {"due": 1, "inflight": 0, "total": 1}
+        # Another claim's finish is still refused: only the token that finished the entry is answered yes.
+        assert not await schedule.finish(replace(first, token="another claim"), Outcome.RECOVERED)
+
+
+async def test_a_dead_letter_counted_twice_as_a_repeat_counts_once(redis_url, unique_name):
+    async with RedisSchedule(redis_url, unique_name("repeats")) as schedule:
+        assert await schedule.count_repeat("fp", "orders.dlq/0/5") == 1
+        assert await schedule.count_repeat("fp", "orders.dlq/0/5") == 1  # read again, or sent again
+        assert await schedule.count_repeat("fp", "orders.dlq/0/9") == 2  # the same content failing again
+        assert await schedule.count_repeat("other", "orders.dlq/0/9") == 1
+
+
+async def test_the_schedules_client_does_not_send_a_command_again_when_its_reply_is_slow():
+    # A server that takes commands and never answers the one that matters: redis-py's Retry resends on a reply
+    # timeout by default, although the server may have run the command (a count, a finish) already.
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if not line.startswith(b"*"):
+                    continue
+                parts = []
+                for _ in range(int(line[1:])):
+                    size = int((await reader.readline())[1:])
+                    parts.append((await reader.readexactly(size + 2))[:-2])
+                received.append(parts[0].upper())
+                if parts[0].upper() in (b"HELLO", b"CLIENT"):  # the connection's handshake is answered
+                    writer.write(b"+OK\r\n")
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect_redis(f"redis://127.0.0.1:{port}/0", retries=2, socket_timeout=0.3)
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await client.incr("count")
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert received.count(b"INCRBY") == 1, received
 
 
 def test_a_waitaof_reply_without_the_local_fsync_is_an_error():

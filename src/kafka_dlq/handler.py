@@ -374,7 +374,7 @@ class DLQHandler:
             if decoded.redrive_count > 0 and self.classifier.repeat_offender_threshold is not None:
                 # Counted in Redis once per record, not once per try of the batch.
                 if index not in progress.repeats:
-                    progress.repeats[index] = await self.schedule.count_repeat(decoded.fingerprint())
+                    progress.repeats[index] = await self.schedule.count_repeat(decoded.fingerprint(), str(decoded.dlq))
                 repeats = progress.repeats[index]
             decision = self.classifier.classify(
                 decoded.failure,

@@ -9,7 +9,11 @@ Per handler (namespace ``kafka-dlq:{name}``), every key under one hash tag so Re
 - ``done``     sorted set: entry id -> when it left (recovered or parked), so a re-read dead letter is not redone
 - ``history:recovered`` / ``history:parked`` / ``history:dropped``: capped lists with a TTL, newest first
   (``dropped``: what an operator removed with ``kafka-dlq pending drop``, with who and when)
-- ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders)
+- ``finished`` hash: entry id -> the token of the claim that last finished it, so a finish sent again (its reply
+  lost with its connection) is known as done, not as a lost claim
+- ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders); ``repeats:seen`` hash:
+  fingerprint + dead letter id -> 1, so one dead letter read twice counts once
+- ``written``  counter bumped after each durable write, on the same connection (see ``write_script``)
 
 An entry id is the dead letter's coordinates (``dlq topic/partition/offset``), never a hash of its value.
 Every change of state is one Lua script, atomic with every other instance's claims.
@@ -180,10 +184,11 @@ redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: due, inflight, body, claims, done, history:recovered, history:parked.
+# KEYS: due, inflight, body, claims, done, history:recovered, history:parked, finished.
 # ARGV: now_ms, history_max, history_ttl_s, done_keep_ms, n, then n groups of 6: id, token, outcome ('retry',
-# 'recovered', 'parked'), due_ms, body, history_item. Returns one 1/0 per entry: 0 when the claim is no longer
-# ours (its lease expired and another instance took it), and nothing changed for that entry.
+# 'recovered', 'parked'), due_ms, body, history_item. Returns one 1/0 per entry: 1 when done by this call or by an
+# earlier one with the same token (a finish sent again after its connection dropped); 0 when the claim is no
+# longer ours (its lease expired and another instance took it), and nothing changed for that entry.
 _FINISH = """
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[5])
@@ -193,11 +198,12 @@ for i = 0, n - 1 do
   local base = 6 + i * 6
   local id, token, outcome = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   if redis.call('HGET', KEYS[4], id) ~= token then
-    out[i + 1] = 0
+    if redis.call('HGET', KEYS[8], id) == token then out[i + 1] = 1 else out[i + 1] = 0 end
   else
     out[i + 1] = 1
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[4], id)
+    redis.call('HSET', KEYS[8], id, token)
     if outcome == 'retry' then
       redis.call('HSET', KEYS[3], id, ARGV[base + 4])
       redis.call('ZADD', KEYS[1], ARGV[base + 3], id)
@@ -212,7 +218,12 @@ for i = 0, n - 1 do
   end
 end
 if left then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[4]))
+  -- An entry forgotten by done is forgotten by finished too (a bounded batch each time: finishes are frequent).
+  local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 1000)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('HDEL', KEYS[8], id)
+  end
   for _, history in ipairs({KEYS[6], KEYS[7]}) do
     redis.call('LTRIM', history, 0, tonumber(ARGV[2]) - 1)
     redis.call('EXPIRE', history, tonumber(ARGV[3]))
@@ -221,8 +232,26 @@ end
 return out
 """
 
+# KEYS: repeats, repeats:seen.  ARGV: fingerprint, dead letter id, ttl_s. Counts the dead letter once per
+# fingerprint however often it is sent (a batch read again, a resend after a dropped connection); returns the count.
+_COUNT_REPEAT = """
+local seen = ARGV[1] .. ' ' .. ARGV[2]
+local count
+if redis.call('HSETNX', KEYS[2], seen, 1) == 1 then
+  count = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+else
+  count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return count
+"""
+
 
 _WAITAOF_TIMEOUT_MS = 5000
+_SOCKET_TIMEOUT = 2 * _WAITAOF_TIMEOUT_MS / 1000
+"""The schedule client's reply timeout: longer than a WAITAOF may wait, so a slow fsync is answered by the server
+(and checked), not cut short by the client."""
 
 
 def check_waitaof(reply: Any, timeout_ms: int = _WAITAOF_TIMEOUT_MS) -> None:
@@ -244,19 +273,33 @@ def check_waitaof(reply: Any, timeout_ms: int = _WAITAOF_TIMEOUT_MS) -> None:
         )
 
 
-def connect_redis(url: str, max_connections: int = 32, *, retries: int = 0) -> aioredis.Redis:
+def connect_redis(
+    url: str, max_connections: int = 32, *, retries: int = 0, socket_timeout: float | None = None
+) -> aioredis.Redis:
     """An asyncio Redis client for ``url``; ``retries``: times a command is sent again on a new connection after
-    its connection failed (a pooled connection left from before a Redis restart fails its first command).
+    its connection failed (a pooled connection left from before a Redis restart fails its first command);
+    ``socket_timeout``: seconds to wait for a reply (redis-py's default, 5 s, when None).
+
+    Only a failed connection is a reason to send again, never a reply that was slow to come (redis-py's
+    ``TimeoutError``, which its ``Retry`` resends by default): the server may well have run the command, and a
+    command sent twice would count twice.
 
     The library version is given, not looked up: redis-py otherwise reads package metadata from disk for every new
     connection, which is file I/O on the event loop.
     """
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
-    retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries) if retries else None
+    retry = None
+    if retries:
+        retry = Retry(
+            ExponentialWithJitterBackoff(cap=1.0, base=0.05),
+            retries,
+            supported_errors=(redis.exceptions.ConnectionError,),
+        )
+    timeout = {} if socket_timeout is None else {"socket_timeout": socket_timeout}
     # A bounded pool that waits for a free connection: hundreds of concurrent retries share a few connections
     # instead of opening one each (and meeting the pool's "Too many connections").
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=30, driver_info=info, retry=retry
+        url, max_connections=max_connections, timeout=30, driver_info=info, retry=retry, **timeout
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
@@ -292,6 +335,9 @@ class RedisSchedule:
                 "history:parked",
                 "history:dropped",
                 "repeats",
+                "repeats:seen",
+                "finished",
+                "written",
             )
         }
         self.history_max = history_max
@@ -306,10 +352,11 @@ class RedisSchedule:
         self.server_version = ""
 
     async def start(self) -> None:
-        # A schedule script sent twice does no harm (a repeated add or finish finds its work done; a repeated claim
-        # leaves the first one's entries to come back when their lease ends), so a dropped connection is retried
-        # rather than failing a finish and running its record again after the lease.
-        self._client = connect_redis(self.redis_url, retries=2)
+        # A schedule script sent twice does no harm (a repeated add or finish finds its work done and says so; a
+        # repeated repeat count counts once; a repeated claim leaves the first one's entries to come back when their
+        # lease ends), so a dropped connection is retried rather than failing a finish and running its record again
+        # after the lease. A slow reply is not retried (connect_redis).
+        self._client = connect_redis(self.redis_url, retries=2, socket_timeout=_SOCKET_TIMEOUT)
         try:
             info = await self._client.info("server")
             persistence = await self._client.info("persistence")
@@ -322,7 +369,14 @@ class RedisSchedule:
         self.aof_enabled = bool(persistence.get("aof_enabled"))
         major_minor = tuple(int(p) for p in self.server_version.split(".")[:2] if p.isdigit())
         self.waitaof = self.aof_enabled and major_minor >= (7, 2)
-        for name, source in (("schedule", _SCHEDULE), ("claim", _CLAIM), ("renew", _RENEW), ("finish", _FINISH)):
+        scripts = (
+            ("schedule", _SCHEDULE),
+            ("claim", _CLAIM),
+            ("renew", _RENEW),
+            ("finish", _FINISH),
+            ("count_repeat", _COUNT_REPEAT),
+        )
+        for name, source in scripts:
             self._scripts[name] = self._client.register_script(source)
 
     async def stop(self) -> None:
@@ -359,7 +413,10 @@ class RedisSchedule:
         With AOF on and a server that has WAITAOF (7.2+), ``WAITAOF 1 0 <timeout>`` follows the script on the same
         connection, in one non-transactional pipeline: WAITAOF waits for the writes of the connection it is sent
         on, so sent on another pooled connection it would wait for nothing. Its reply is checked
-        (:func:`check_waitaof`).
+        (:func:`check_waitaof`). Between them an ``INCR`` of the ``written`` key: a pipeline sent again after its
+        connection dropped finds the script's work done and writes nothing, and WAITAOF on the new connection would
+        then answer at once, for no write; the INCR always writes, after the first send's writes, so the WAITAOF
+        covers those too.
         """
         if not self.waitaof:
             try:
@@ -369,9 +426,10 @@ class RedisSchedule:
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
             pipe.evalsha(source.sha, len(keys), *keys, *args)
+            pipe.incr(self.keys["written"])
             pipe.execute_command("WAITAOF", 1, 0, _WAITAOF_TIMEOUT_MS)
             try:
-                result, waited = await pipe.execute(raise_on_error=False)
+                result, _, waited = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 raise ScheduleError(f"Redis schedule {what} failed: {exc}") from exc
             if isinstance(result, NoScriptError):
@@ -457,7 +515,10 @@ class RedisSchedule:
 
     async def _flush_finishes(self) -> None:
         k = self.keys
-        keys = [k["due"], k["inflight"], k["body"], k["claims"], k["done"], k["history:recovered"], k["history:parked"]]
+        keys = [
+            *(k[part] for part in ("due", "inflight", "body", "claims", "done")),
+            *(k[part] for part in ("history:recovered", "history:parked", "finished")),
+        ]
         while self._finishing:
             batch, self._finishing = self._finishing[:1000], self._finishing[1000:]
             args: list[Any] = [_now_ms(), self.history_max, self.history_ttl, self.done_keep_ms, len(batch)]
@@ -478,17 +539,16 @@ class RedisSchedule:
         """Put a claimed entry back, unchanged (no attempt spent): the circuit is open."""
         return await self.finish(claimed, Outcome.RETRY, entry=claimed.entry, due_ms=due_ms)
 
-    async def count_repeat(self, fingerprint: str) -> int:
-        """Count one more failure of this content after a redrive; returns the count."""
-        key = self.keys["repeats"]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hincrby(key, fingerprint, 1)
-        pipe.expire(key, self.history_ttl)
-        try:
-            result = await pipe.execute()
-        except RedisError as exc:  # a ScheduleError, as every schedule call: the handler retries those
-            raise ScheduleError(f"Redis schedule count_repeat failed: {exc}") from exc
-        return int(result[0])
+    async def count_repeat(self, fingerprint: str, dead_letter_id: str) -> int:
+        """Count one more failure of this content after a redrive, the dead letter at ``dead_letter_id`` (its DLQ
+        coordinates); returns the count. The same dead letter counts once, however often it is counted (read again
+        after a crash, or the command sent again after its connection dropped)."""
+        k = self.keys
+        # A ScheduleError, as every schedule call: the handler retries those.
+        reply = await self._run(
+            "count_repeat", [k["repeats"], k["repeats:seen"]], [fingerprint, dead_letter_id, self.history_ttl]
+        )
+        return int(reply)
 
     async def pending(self) -> dict[str, int]:
         """How many entries wait (``due``) and are being processed (``inflight``)."""
