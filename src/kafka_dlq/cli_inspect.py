@@ -58,8 +58,8 @@ ConfigOption = Annotated[
         "--config",
         "-c",
         envvar="KAFKA_DLQ_CONFIG",
-        help="The handler's TOML file, read as kafka-dlq run reads it (its processors must import): Kafka, -X "
-        "settings, Redis and name from it. Flags and KAFKA_DLQ_* variables win over it.",
+        help="The handler's TOML file (kafka-dlq run's): Kafka, [kafka] settings, Redis, name and group from it, "
+        "nothing else (its processors need not import). Flags and KAFKA_DLQ_* variables win over it.",
     ),
 ]
 
@@ -76,20 +76,21 @@ class FileSettings:
 
 
 def file_settings(path: str | None) -> FileSettings:
-    """What ``--config FILE`` gives (nothing without a file), by ``kafka-dlq run``'s own loader: the same checks,
-    the same errors, and ``KAFKA_DLQ_*`` variables over the file. Flags then win over both (the caller's ``or``).
+    """What ``--config FILE`` gives (nothing without a file), ``KAFKA_DLQ_*`` variables over it: its connection
+    settings only (:func:`kafka_dlq.config.load_connection`), so the file need not be complete and its processors
+    need not import here. Flags then win over both (the caller's ``or``), and the caller checks what it needs.
     """
     if path is None:
         return FileSettings()
-    from kafka_dlq.config import load_config
+    from kafka_dlq.config import load_connection
 
-    handler = load_config(path).handler
+    found = load_connection(path)
     return FileSettings(
-        bootstrap=handler.get("bootstrap_servers"),
-        redis_url=handler.get("redis_url"),
-        name=handler.get("name"),
-        group=handler.get("group_id"),
-        kafka=dict(handler.get("kafka_config") or {}),
+        bootstrap=found.bootstrap_servers,
+        redis_url=found.redis_url,
+        name=found.name,
+        group=found.group_id,
+        kafka=dict(found.kafka),
     )
 
 

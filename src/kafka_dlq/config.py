@@ -49,7 +49,7 @@ from kafka_dlq.errors import ConfigError
 from kafka_dlq.handler import DLQHandler, KeyFormat, Mode, Processor
 from kafka_dlq.policy import RetryPolicy, TopicPolicies
 
-__all__ = ["RunConfig", "load_config", "resolve_callable"]
+__all__ = ["Connection", "RunConfig", "load_config", "load_connection", "resolve_callable"]
 
 _TOP = {
     "name": str,
@@ -170,20 +170,69 @@ def _policy(table: Mapping[str, Any], key: str) -> RetryPolicy:
         raise ConfigError(f"config key {key!r}: {exc}") from None
 
 
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        return tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(file)!r} does not exist: check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connection:
+    """What an operator command takes from a ``kafka-dlq run`` config file: where the handler's Kafka and Redis
+    are, its name and group, and the ``[kafka]`` client settings. Any of them may be missing."""
+
+    name: str | None = None
+    bootstrap_servers: str | None = None
+    redis_url: str | None = None
+    group_id: str | None = None
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+
+
+_CONNECTION = ("name", "bootstrap_servers", "redis_url", "group_id")
+_CONNECTION_ENV = {var: key for var, key in _ENV.items() if key in _CONNECTION}
+
+
+def load_connection(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Connection:
+    """The connection settings of a ``kafka-dlq run`` config file (if any), ``KAFKA_DLQ_*`` variables over it.
+
+    Unlike :func:`load_config` nothing is required (flags may fill the gaps; the caller checks what it needs once
+    they are merged) and nothing is imported: the operator running ``peek`` or ``pending`` need not have the
+    application's processors or classifier rules. Only these keys are read and type-checked; the rest of the file is
+    ``kafka-dlq run``'s business.
+
+    >>> load_connection(None, env={"KAFKA_DLQ_NAME": "billing"}).name
+    'billing'
+    """
+    env = os.environ if env is None else env
+    data = {} if path is None else _read_toml(path)
+    picked: dict[str, Any] = {key: data[key] for key in _CONNECTION if key in data}
+    for key, value in picked.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected text, got {type(value).__name__}")
+    picked.update({key: env[var] for var, key in _CONNECTION_ENV.items() if env.get(var)})
+    kafka = data.get("kafka", {})
+    if not isinstance(kafka, dict):
+        raise ConfigError(f"config key 'kafka': expected a table of librdkafka settings, got {type(kafka).__name__}")
+    for key, value in kafka.items():
+        if not isinstance(value, str | int | float | bool):
+            raise ConfigError(
+                f"config key 'kafka.{key}': expected text, a number or true/false, got {type(value).__name__}"
+            )
+    return Connection(**{key: value or None for key, value in picked.items()}, kafka=dict(kafka))
+
+
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> RunConfig:
     """Read the TOML file (if any), apply ``KAFKA_DLQ_*`` variables, check everything, resolve processors."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source = "<environment>"
     if path is not None:
-        file = Path(path)
-        try:
-            data = tomllib.loads(file.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(file)!r} does not exist: check the path") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
-        source = str(file)
+        data = _read_toml(path)
+        source = str(Path(path))
     data.update(_from_env(env))
     _check_types(data)
     missing = [key for key in _REQUIRED if not data.get(key)]
