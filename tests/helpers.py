@@ -29,9 +29,19 @@ def seed(
 
 
 def read_all(
-    bootstrap: str, topic: str, *, isolation: str = "read_committed", idle: float = 3.0, expected: int | None = None
+    bootstrap: str,
+    topic: str,
+    *,
+    isolation: str = "read_committed",
+    idle: float = 3.0,
+    expected: int | None = None,
+    extra: float = 0.0,
 ) -> list:
-    """Every record of ``topic`` from the beginning (no group commits), until ``idle`` seconds bring nothing."""
+    """Every record of ``topic`` from the beginning (no group commits), until ``idle`` seconds bring nothing.
+
+    With ``expected``, reading stops once that many are read (however long they take, while records keep
+    coming within ``idle``), then goes on ``extra`` seconds more to catch any duplicate beyond them.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -49,6 +59,9 @@ def read_all(
             if msg.error() is None:
                 out.append(msg)
                 last = time.monotonic()
+    more_until = time.monotonic() + extra
+    while time.monotonic() < more_until:
+        out.extend(msg for msg in consumer.consume(1000, 0.2) if msg.error() is None)
     consumer.close()
     return out
 

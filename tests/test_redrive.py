@@ -438,6 +438,39 @@ async def test_at_least_once_mode_sends_every_selected_record(kafka_bootstrap, n
     assert (await redrive(kafka_bootstrap, dlq, guarantee=Guarantee.AT_LEAST_ONCE)).read == 0
 
 
+HANDLER_KAFKA = {
+    "auto.offset.reset": "latest",
+    "group.id": "the-handlers-own-group",
+    "enable.auto.commit": True,
+    "isolation.level": "read_uncommitted",
+    "acks": "1",
+    "client.id": "ops",
+}
+"""A handler's [kafka] table as --config passes it on: settings for the handler's consumer, not a redrive's."""
+
+
+@pytest.mark.parametrize("guarantee", list(Guarantee))
+async def test_a_handlers_kafka_settings_do_not_change_how_a_run_reads_commits_or_sends(
+    kafka_bootstrap, new_topic, guarantee, caplog
+):
+    dlq, orders = await topics(new_topic, 2, 1)
+    await asyncio.to_thread(seed, kafka_bootstrap, dlq, [dead_letter(orders, i) for i in range(20)])
+
+    # A deadline, not a timing assertion: with the handler's "latest", the run's new group started at the end and
+    # waited there for ever.
+    report = await asyncio.wait_for(
+        redrive(kafka_bootstrap, dlq, guarantee=guarantee, kafka_config=HANDLER_KAFKA), timeout=120
+    )
+
+    assert report.sent == Counter({orders: 20})
+    home = await asyncio.to_thread(read_all, kafka_bootstrap, orders, expected=20, idle=30, extra=1.0)
+    assert sorted(m.key() for m in home) == sorted(b"k%d" % i for i in range(20))
+    handlers = await asyncio.to_thread(committed_offsets, kafka_bootstrap, "the-handlers-own-group", dlq, 2)
+    assert set(handlers.values()) == {-1001}  # the run committed in its own group only
+    ignored = {r.getMessage().split("=")[0].removeprefix("ignoring Kafka setting ") for r in caplog.records}
+    assert ignored >= set(HANDLER_KAFKA) - {"client.id"}
+
+
 # ---------------------------------------------------------------- park and peek
 
 

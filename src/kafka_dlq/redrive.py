@@ -538,8 +538,32 @@ class _GroupReader:
 # ---------------------------------------------------------------- the runs
 
 
+RUN_OWNED = {
+    "group.id": "its own group",
+    "group.instance.id": "its own static member",
+    "auto.offset.reset": "earliest: a new group reads every dead letter, from the start",
+    "isolation.level": "read_committed",
+    "enable.auto.commit": "off: it commits what it handled",
+    "enable.auto.offset.store": "off: it commits what it handled",
+    "enable.partition.eof": "its own end-of-partition handling",
+    "transactional.id": "its own, for fencing",
+    "enable.idempotence": "on: nothing twice from a retry",
+    "acks": "all: nothing lost",
+}
+"""Kafka settings a run sets itself, and why; given ones (a handler's ``[kafka]`` table, -X) are left out, with a
+warning: the handler's ``auto.offset.reset = "latest"``, say, would start the run's new group at the end, where
+it would find nothing to send."""
+
+
 def _config(bootstrap_servers: str, kafka_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {**(kafka_config or {}), "bootstrap.servers": bootstrap_servers}
+    """The client settings given (security, timeouts, client id ...), less those a run owns, plus the servers."""
+    config: dict[str, Any] = {}
+    for key, value in (kafka_config or {}).items():
+        if key in RUN_OWNED:
+            log.warning("ignoring Kafka setting %s=%s: the run sets it itself (%s)", key, value, RUN_OWNED[key])
+        else:
+            config[key] = value
+    return {**config, "bootstrap.servers": bootstrap_servers}
 
 
 def _reader(config: dict[str, Any], topic: str) -> TopicReader:
@@ -597,7 +621,12 @@ class _Run:
         self._light = report.action is Action.REDRIVE and not report.select.needs_failure
 
     def _consumer(self, group: str, mode: CommitMode, *, static: bool) -> AsyncConsumer:
-        config = {**self.config, "group.id": group, "isolation.level": "read_committed"}
+        config = {
+            **self.config,
+            "group.id": group,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+        }
         if static:
             config["group.instance.id"] = f"{group}.member"
         return AsyncConsumer(
