@@ -310,7 +310,9 @@ async def test_redrive_with_a_filter_sends_exactly_the_matching_records_home(kaf
     assert report.transactions >= 1 and report.aborted == 0
     got = {}
     for topic in (orders, payments):
-        for msg in await asyncio.to_thread(read_all, kafka_bootstrap, topic, idle=1.0):
+        for msg in await asyncio.to_thread(
+            read_all, kafka_bootstrap, topic, expected=report.sent[topic], idle=30, extra=1.0
+        ):
             got[msg.key()] = (msg.topic(), msg.value(), msg.headers())
     assert set(got) == {b"k%d" % i for i in chosen}
     for i in chosen:
@@ -352,7 +354,7 @@ async def test_the_loop_guard_stops_a_record_that_keeps_coming_back(kafka_bootst
         if report.refused:
             break
         # The record fails again at home: its consumer dead-letters it once more, keeping the redrive count.
-        msg = (await asyncio.to_thread(read_all, kafka_bootstrap, orders, idle=1.0))[-1]
+        msg = (await asyncio.to_thread(read_all, kafka_bootstrap, orders, expected=len(counts) + 1, idle=30))[-1]
         count = int(dict(msg.headers())["dlq.redrive.count"])
         counts.append(count)
         again = DeadLetter(
@@ -378,7 +380,7 @@ async def test_rate_500_over_5000_records_never_runs_faster_than_the_rate(kafka_
     report = await redrive(kafka_bootstrap, dlq, rate=500)
     took = time.monotonic() - started
 
-    home = await asyncio.to_thread(read_all, kafka_bootstrap, orders, idle=1.0)
+    home = await asyncio.to_thread(read_all, kafka_bootstrap, orders, expected=5000, idle=30, extra=1.0)
     stamps = [msg.timestamp()[1] for msg in home]  # set by the producer as each record was sent
     sent_over = (max(stamps) - min(stamps)) / 1000
     print(
@@ -406,9 +408,9 @@ async def test_a_missing_destination_stops_the_run_and_a_rerun_after_creating_it
     await asyncio.to_thread(create_topics, kafka_bootstrap, {missing: 1})
     report = await redrive(kafka_bootstrap, dlq)
 
-    home = await asyncio.to_thread(read_all, kafka_bootstrap, orders, idle=1.0)
+    home = await asyncio.to_thread(read_all, kafka_bootstrap, orders, expected=10, idle=30, extra=1.0)
     assert sorted(m.key() for m in home) == sorted(b"k%d" % i for i in [*range(5), *range(10, 15)])
-    assert len(await asyncio.to_thread(read_all, kafka_bootstrap, missing, idle=1.0)) == 5
+    assert len(await asyncio.to_thread(read_all, kafka_bootstrap, missing, expected=5, idle=30, extra=1.0)) == 5
     assert report.read == 15  # the failed run committed nothing
 
 
@@ -487,7 +489,10 @@ async def test_park_copies_the_selected_dead_letters_to_the_poison_topic_with_re
 
     assert report.sent == Counter({poison: 4})
     assert everything.sent == Counter({poison: 11})
-    parked = [as_record(m) for m in await asyncio.to_thread(read_all, kafka_bootstrap, poison, idle=1.0)]
+    parked = [
+        as_record(m)
+        for m in await asyncio.to_thread(read_all, kafka_bootstrap, poison, expected=15, idle=30, extra=1.0)
+    ]
     decoded = [decode(r) for r in parked]
     letters = [d for d in decoded if isinstance(d, DeadLetter)]
     assert len(letters) == 14 and all(d.reason is Reason.MANUAL for d in letters)
@@ -642,7 +647,8 @@ def test_a_real_redrive_or_park_with_a_relative_time_needs_a_group_so_that_a_rer
     assert dry.exit_code == 0 and json.loads(dry.stdout)["sent"] == {orders: 4}
     assert first.exit_code == 0 and json.loads(first.stdout)["sent"] == {orders: 4}
     assert rerun.exit_code == 0 and json.loads(rerun.stdout)["sent"] == {}  # an hour ago is later now: same group
-    assert len(read_all(kafka_bootstrap, orders, idle=1.0)) == 4  # the refused runs sent nothing
+    # The refused runs sent nothing: the 4 of the first run, and no more (a little read past them to see).
+    assert len(read_all(kafka_bootstrap, orders, expected=4, idle=30, extra=1.0)) == 4
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlencode
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
+from confluent_kafka import Consumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -31,7 +33,7 @@ from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.testing import free_port
 from kafka_dlq.web.app import create_app, running
-from tests.helpers import committed_offsets, read_all, seed
+from tests.helpers import read_all, seed
 from tests.test_handler import dead_letter
 
 TOKEN = "test-token-0123456789abcdef"
@@ -154,30 +156,40 @@ async def test_a_real_redrive_with_a_relative_time_needs_a_group_and_then_resume
     assert await records_in(kafka_bootstrap, home) == [b"k0", b"k1", b"k2"]
 
 
-async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic, unique_name):
-    dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k%d" % i) for i in range(4)])
-    group = unique_name("one-at-a-time")
-    # 4 records at 1 a second, one transaction each: once the first has committed, about 3 s of the run are left.
-    body = {"topic": dlq, "dry_run": False, "rate": 1, "group": group}
+def wait_for_a_commit(bootstrap: str, group: str, topic: str, partitions: int, deadline: float) -> bool:
+    """Whether ``group`` commits an offset on ``topic`` within ``deadline`` seconds; polled with one consumer (a new
+    one per poll spends most of its time connecting on a loaded machine)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})  # never subscribes: joins no group
+    try:
+        until = time.monotonic() + deadline
+        while time.monotonic() < until:
+            wanted = [TopicPartition(topic, p) for p in range(partitions)]
+            if any(tp.offset > 0 for tp in consumer.committed(wanted, timeout=10)):
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        consumer.close()
 
-    async def first_committed() -> None:
-        # Polled: the group's offsets live on the broker, which has nothing to wait on.
-        while True:
-            offsets = await asyncio.to_thread(committed_offsets, kafka_bootstrap, group, dlq, 2)
-            if any(offset > 0 for offset in offsets.values()):
-                return
-            await asyncio.sleep(0.05)
+
+async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic, unique_name):
+    dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k%d" % i) for i in range(12)])
+    group = unique_name("one-at-a-time")
+    # 12 records at 1 a second, one transaction each: once the first has committed, about 11 s of the run are left
+    # to see it running and to be refused beside it, however loaded the machine.
+    body = {"topic": dlq, "dry_run": False, "rate": 1, "group": group}
 
     async with served(create_app(bootstrap_servers=kafka_bootstrap, token=TOKEN)) as api:
         first = asyncio.create_task(api.post("/api/redrive", json=body, headers=AUTH))
-        await asyncio.wait_for(first_committed(), 60)  # the first redrive is running: it has committed a batch
+        # The first redrive is running once it has committed a batch (the broker has nothing to wait on: polled).
+        assert await asyncio.to_thread(wait_for_a_commit, kafka_bootstrap, group, dlq, 2, 60)
         assert not first.done()
         second = await api.post("/api/redrive", json=body, headers=AUTH)
         done = await first
 
     assert second.status_code == 409 and "running" in second.json()["error"]
     assert second.headers["Retry-After"] == "5"
-    assert done.status_code == 200 and done.json()["sent"] == {home: 4}
+    assert done.status_code == 200 and done.json()["sent"] == {home: 12}
 
 
 async def test_a_dry_run_returns_counts_and_samples_and_sends_nothing(kafka_bootstrap, new_topic):
