@@ -574,31 +574,34 @@ class _Clock:
 def test_a_half_open_circuit_lets_one_trial_through_and_its_verdict_decides():
     clock = _Clock()
     breaker = CircuitBreaker(BreakerSettings(failure_threshold=2, open_seconds=10), clock=clock)
-    breaker.failure()
-    breaker.failure()
+    breaker.failure(breaker.allow())
+    breaker.failure(breaker.allow())
     assert breaker.state is CircuitState.OPEN and not breaker.allow()
 
     clock.now = 10
-    assert breaker.allow()  # the trial
+    trial = breaker.allow()  # the trial
+    assert trial is not None
     assert breaker.state is CircuitState.HALF_OPEN
     assert not breaker.allow()  # one trial at a time
-    breaker.failure()
+    breaker.failure(trial)
     assert breaker.state is CircuitState.OPEN and breaker.times_opened == 2
 
     clock.now = 20
-    assert breaker.allow()
-    breaker.success()
+    trial = breaker.allow()
+    assert trial is not None
+    breaker.success(trial)
     assert breaker.state is CircuitState.CLOSED and breaker.allow()
 
 
 def test_a_trial_that_ends_without_a_verdict_frees_the_next_trial():
     clock = _Clock()
     breaker = CircuitBreaker(BreakerSettings(failure_threshold=1, open_seconds=1), clock=clock)
-    breaker.failure()
+    breaker.failure(breaker.allow())
     clock.now = 1
-    assert breaker.allow()
+    trial = breaker.allow()
+    assert trial is not None
 
-    breaker.abandon()  # the trial was parked for its content, or cancelled: it says nothing of the downstream
+    breaker.abandon(trial)  # the trial was parked for its content, or cancelled: it says nothing of the downstream
 
     assert breaker.state is CircuitState.HALF_OPEN
     assert breaker.allow()  # not stuck behind a trial that will never report

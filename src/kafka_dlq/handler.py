@@ -20,7 +20,7 @@ from enum import Enum
 from functools import partial
 from typing import Any
 
-from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
+from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, Permit
 from kafka_dlq.classify import Classifier, Decision, qualified_name
 from kafka_dlq.errors import ConfigError, KafkaDLQError, RecordTooLargeError
 from kafka_dlq.formats import MAX_MESSAGE_BYTES, MAX_STACKTRACE_BYTES, Undecodable, decode, encode_native
@@ -449,7 +449,7 @@ class DLQHandler:
         dead_letter = claimed.entry.dead_letter
         topic = dead_letter.original.topic
         breaker: CircuitBreaker | None = None
-        trial = False  # this call holds the half-open trial, which must end whatever happens
+        permit: Permit | None = None  # the breaker's leave for this call, handed back once, with its verdict
         try:
             target = self._target(topic)
             if target is None:
@@ -466,8 +466,7 @@ class DLQHandler:
             try:
                 # Asked once a slot is free, not before: a claim that queued for the slot while the circuit
                 # opened must not call the downstream.
-                if breaker.allow():
-                    trial = breaker.state is CircuitState.HALF_OPEN
+                if (permit := breaker.allow()) is not None:
                     started = time.perf_counter()
                     try:
                         self.processor_calls += 1
@@ -478,16 +477,16 @@ class DLQHandler:
                         self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
                         decision, updated = self._judge(claimed.entry, exc)
                         if _downstream_failed(exc, decision):
-                            breaker.failure()
-                        elif trial:
-                            breaker.abandon()
-                        trial = False
+                            breaker.failure(permit)
+                        else:
+                            breaker.abandon(permit)
+                        permit = None
                         self.metrics.circuit.labels(self.name, topic).set(breaker.state.gauge)
                         await self._failed(claimed, updated, decision)
                         return
                     self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
-                    breaker.success()
-                    trial = False
+                    breaker.success(permit)
+                    permit = None
                 else:
                     deferred = True
             finally:
@@ -508,8 +507,8 @@ class DLQHandler:
         except KafkaDLQError as exc:
             log.error("handler %s: %s: %s; the entry returns when its lease expires", self.name, claimed.entry.id, exc)
         finally:
-            if trial and breaker is not None:
-                breaker.abandon()  # no verdict reached (cancelled, claim lost, an error of ours): free the trial
+            if permit is not None and breaker is not None:
+                breaker.abandon(permit)  # no verdict reached (cancelled, an error of ours): free the trial
 
     async def _acquire(self, semaphore: asyncio.Semaphore, claimed: Claimed) -> Claimed | None:
         """Wait for a slot of the topic's concurrency, keeping the claim's lease alive meanwhile.
