@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier
+from kafka_dlq.errors import ConfigError
 from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.handler import DLQHandler, KeyFormat
 from kafka_dlq.kafka import KafkaRecord
@@ -718,7 +719,7 @@ async def test_records_parked_for_their_content_do_not_open_the_circuit(kafka_bo
 
 async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_bootstrap, redis_url, unique_name, dlq):
     topic = await asyncio.to_thread(dlq)
-    total = 8
+    total = 12
     await asyncio.to_thread(
         seed, kafka_bootstrap, topic, [dead_letter("orders", f"q{i}".encode(), b"v") for i in range(total)]
     )
@@ -735,7 +736,8 @@ async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_boo
         await asyncio.sleep(0.25)
         running.discard(key)
 
-    # One slot, eight claims, a 1 s lease: the last claim waits ~1.75 s for its slot, past its lease.
+    # One slot, twelve claims, a 2.5 s lease: the last claim waits ~2.75 s for its slot, past its lease. A call
+    # (0.25 s) has 0.75 s to spare before its timeout, so a loaded machine does not turn it into a failure.
     async with _handler(
         kafka_bootstrap,
         redis_url,
@@ -743,8 +745,8 @@ async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_boo
         [topic],
         processors={"orders": slow},
         concurrency=1,
-        processor_timeout=0.5,
-        lease=1.0,
+        processor_timeout=1.0,
+        lease=2.5,
     ) as handler:
         await wait_for(lambda: handler.get_metrics()["recovered"] == total, 30, "all recovered")
         await wait_for(lambda: not handler._active, 5, "no attempt left running")
@@ -754,6 +756,56 @@ async def test_a_claim_queued_for_a_slot_keeps_its_lease_and_runs_once(kafka_boo
     assert overlaps == []
     assert lost in (0, None)  # no claim lost (the counter may not even exist yet)
     assert pending["total"] == 0
+
+
+async def test_a_claim_queued_for_a_slot_takes_it_even_when_each_renewal_outlasts_half_the_slack(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"s{i}".encode(), b"v") for i in range(3)]
+    )
+    calls: Counter[bytes] = Counter()
+
+    async def slow(dl: DeadLetter) -> None:
+        calls[dl.original.key or b""] += 1
+        await asyncio.sleep(0.9)  # past the first renewal point of the claims queued behind it
+
+    handler = _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": slow},
+        concurrency=1,
+        processor_timeout=1.0,
+        lease=2.5,
+    )
+    renew = handler.schedule.renew
+
+    async def slow_renew(claimed, lease, now_ms=None):
+        # A round trip of 0.9 s, over half the lease's slack (0.75 s): by the time the renewal answers, the next
+        # one is already due. The lease still counts from when it was asked for.
+        asked = int(time.time() * 1000)
+        await asyncio.sleep(0.9)
+        return await renew(claimed, lease, now_ms=asked)
+
+    handler.schedule.renew = slow_renew  # type: ignore[method-assign]
+    async with handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 3, 30, "all three recovered")
+    assert calls == Counter({f"s{i}".encode(): 1 for i in range(3)})
+
+
+def test_a_lease_must_outlast_the_processor_timeout_by_a_second():
+    with pytest.raises(ConfigError, match="at least 1 s longer than processor_timeout"):
+        DLQHandler(
+            name="lease",
+            topics=["t"],
+            bootstrap_servers="127.0.0.1:1",
+            redis_url="redis://127.0.0.1:1/0",
+            processor_timeout=2.0,
+            lease=2.5,
+        )
 
 
 # ---------------------------------------------------------------- intake: every record once, whatever fails

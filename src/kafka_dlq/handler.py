@@ -83,6 +83,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_MAX_RENEWALS = 20
+"""Lease renewals a claim may spend waiting for a concurrency slot before it is handed back to due."""
+_MIN_SLOT_WAIT = 0.1
+"""Seconds a claim waits for a slot between two renewals at the least."""
+_MIN_LEASE_SLACK = 1.0
+"""Seconds a lease must outlast a processor call by: room to renew it, and to park a record after the call."""
+
+
 def _downstream_failed(exc: Exception, decision: Decision) -> bool:
     """Does this failed call count against the circuit? Only a failure worth retrying does (or one that would be,
     but ran out of attempts or time): a record parked for its content, by the processor's ParkNow or as
@@ -163,8 +171,12 @@ class DLQHandler:
         self.concurrency = concurrency
         self.max_in_flight = max_in_flight
         self.lease = lease if lease is not None else processor_timeout + 30.0
-        if self.lease <= processor_timeout:
-            raise ConfigError("lease must be longer than processor_timeout, or two instances could run one record")
+        if self.lease - processor_timeout < _MIN_LEASE_SLACK:
+            raise ConfigError(
+                f"lease ({self.lease} s) must be at least {_MIN_LEASE_SLACK:g} s longer than processor_timeout "
+                f"({processor_timeout} s): room to renew the lease and to park a record after a call, or two "
+                "instances could run one record"
+            )
         self.first_delay = first_delay
         self.max_record_bytes = max_record_bytes
         self.kafka_config = dict(kafka_config or {})
@@ -457,11 +469,15 @@ class DLQHandler:
                 return
             breaker = self.breaker(topic)
             semaphore = self._semaphores.setdefault(topic, asyncio.Semaphore(self.concurrency))
-            kept = await self._acquire(semaphore, claimed)
+            kept, slot = await self._acquire(semaphore, claimed)
             if kept is None:
                 self.metrics.lost_claims.labels(self.name).inc()
                 return
             claimed = kept
+            if not slot:
+                # Waited for a slot through _MAX_RENEWALS renewals: back to due, for whichever instance has room.
+                await self.schedule.defer(claimed, _now_ms())
+                return
             deferred = False
             try:
                 # Asked once a slot is free, not before: a claim that queued for the slot while the circuit
@@ -510,31 +526,35 @@ class DLQHandler:
             if permit is not None and breaker is not None:
                 breaker.abandon(permit)  # no verdict reached (cancelled, an error of ours): free the trial
 
-    async def _acquire(self, semaphore: asyncio.Semaphore, claimed: Claimed) -> Claimed | None:
+    async def _acquire(self, semaphore: asyncio.Semaphore, claimed: Claimed) -> tuple[Claimed | None, bool]:
         """Wait for a slot of the topic's concurrency, keeping the claim's lease alive meanwhile.
 
-        Returns the claim (renewed if it had to be) holding a slot, with a lease that outlasts a call of
-        ``processor_timeout``; None when the claim was lost, and then no slot is held and the record must not be
-        called. Without this a claim queued here past its lease would be claimed again (by this instance or
-        another) and the record processed twice at once.
+        Returns ``(claim, True)`` holding a slot, the claim renewed if it had to be, with a lease that outlasts a
+        call of ``processor_timeout``; ``(None, False)`` when the claim was lost, and then no slot is held and the
+        record must not be called; ``(claim, False)`` after ``_MAX_RENEWALS`` renewals without a slot: the caller
+        hands the entry back. Without the renewals a claim queued here past its lease would be claimed again (by
+        this instance or another) and the record processed twice at once.
         """
         lease_ms = self.lease * 1000
         # Renew once less than a call's time plus half the lease's slack is left: room for the renewal itself.
         keep_ms = self.processor_timeout * 1000 + (self.lease - self.processor_timeout) * 500
-        while True:
-            wait = (claimed.claimed_at_ms + lease_ms - keep_ms - _now_ms()) / 1000
-            if wait > 0:
-                if not semaphore.locked():
+        # However slow the renewals are (a round trip over half the slack leaves no time before the next one is
+        # due), the slot is tried between them, and waited for a little: never renewals alone, for ever.
+        least = min(_MIN_SLOT_WAIT, (self.lease - self.processor_timeout) / 4)
+        for _ in range(_MAX_RENEWALS + 1):
+            if not semaphore.locked():
+                await semaphore.acquire()
+                return claimed, True
+            wait = max(least, (claimed.claimed_at_ms + lease_ms - keep_ms - _now_ms()) / 1000)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
                     await semaphore.acquire()
-                    return claimed
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await semaphore.acquire()
-                        return claimed
+                    return claimed, True
             renewed = await self.schedule.renew(claimed, self.lease)
             if renewed is None:
-                return None
+                return None, False
             claimed = renewed
+        return claimed, False
 
     async def _call(self, target: Processor, dead_letter: DeadLetter) -> None:
         # asyncio.timeout, not wait_for: no extra task per call on the hot path.
