@@ -324,3 +324,59 @@ def test_given_a_redriven_record_forwarded_as_is_when_decoded_then_it_is_no_brok
     assert isinstance(result, Undecodable)
     assert result.source_format is None
     assert "missing original topic" not in result.reason
+
+
+LATER = 1_700_000_900_000
+"""When the redriven record failed again: after the first failure its history carries (1_700_000_000_000)."""
+
+
+def failed_again(*format_headers: tuple[str, bytes | None]) -> KafkaRecord:
+    """A redriven record (3 attempts, first failure at 1_700_000_000_000) dead-lettered again by another system,
+    which kept the headers it came with and added its own."""
+    return dataclasses.replace(record(*redriven_home(), *format_headers), timestamp=LATER)
+
+
+def test_given_a_redriven_record_that_failed_again_in_spring_when_decoded_then_its_history_goes_on():
+    again = DeadLetter(
+        original=OriginalRecord(topic="orders", partition=0, offset=9, timestamp=LATER),
+        failure=Failure(error_class="java.lang.IllegalStateException"),
+    )
+
+    dead_letter = decode(failed_again(*spring.spring_headers(again)))
+
+    assert isinstance(dead_letter, DeadLetter)
+    assert dead_letter.source_format is SourceFormat.SPRING
+    assert (dead_letter.attempts, dead_letter.first_failure, dead_letter.last_failure) == (4, 1_700_000_000_000, LATER)
+    assert dead_letter.redrive_count == 1
+    assert dead_letter.original.headers == (("traceparent", b"t"),)
+
+
+def test_given_a_redriven_record_that_failed_again_in_connect_when_decoded_then_its_history_goes_on():
+    connect_headers = (
+        ("__connect.errors.topic", b"orders"),
+        ("__connect.errors.partition", b"0"),
+        ("__connect.errors.offset", b"9"),
+        ("__connect.errors.exception.class.name", b"org.apache.kafka.connect.errors.DataException"),
+    )
+
+    dead_letter = decode(failed_again(*connect_headers))
+
+    assert isinstance(dead_letter, DeadLetter)
+    assert dead_letter.source_format is SourceFormat.CONNECT
+    assert (dead_letter.attempts, dead_letter.first_failure) == (4, 1_700_000_000_000)
+    assert dead_letter.original.headers == (("traceparent", b"t"),)
+
+
+def test_given_a_carried_history_when_another_system_failed_earlier_or_often_then_the_earlier_and_the_cap_win():
+    early = dataclasses.replace(record(("dlq.first.failure", b"%d" % LATER), SPRING), timestamp=1_000)
+    many = record(("dlq.attempts", b"%d" % MAX_ATTEMPTS), ("retry_topic-attempts", struct.pack(">i", 5)), SPRING_RETRY)
+
+    assert decode(early).first_failure == 1_000
+    assert decode(many).attempts == MAX_ATTEMPTS
+
+
+def test_given_a_corrupt_carried_attempt_count_on_a_connect_record_when_decoded_then_it_is_undecodable():
+    result = decode(record(("dlq.attempts", b"three"), CONNECT))
+
+    assert isinstance(result, Undecodable)
+    assert result.reason == "header dlq.attempts is not a decimal integer: b'three'"

@@ -241,3 +241,11 @@ def test_given_a_redriven_record_that_failed_again_in_the_seed_system_stats_coun
     topic, error, _, source, _, _ = summarize(record)
 
     assert (topic, error, source) == ("orders", "KeyError", "seed-json")
+
+
+def test_given_a_redriven_record_that_failed_again_in_spring_stats_keeps_its_first_failure():
+    letter = DeadLetter(original=OriginalRecord(topic="orders"), failure=Failure(error_class="java.lang.Error"))
+    headers = (("dlq.attempts", b"3"), ("dlq.first.failure", b"%d" % T0), *spring_headers(letter))
+    record = KafkaRecord(topic="orders.dlq", partition=0, offset=0, timestamp=T0 + 60_000, headers=headers)
+
+    assert summarize(record)[3:] == ("spring", T0, T0 + 60_000)

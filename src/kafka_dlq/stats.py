@@ -157,13 +157,23 @@ def summarize(record: KafkaRecord) -> Summary:
     """The facts ``stats`` counts for one dead letter, read from as little of it as possible.
 
     The format is found as :func:`kafka_dlq.formats.decode` finds it; the original topic is None when it cannot
-    be read (the record is undecodable).
+    be read (the record is undecodable). A record in another format that a redrive sent home and that failed again
+    carries its first failure in ``dlq.first.failure``, the earlier time as decode reads it.
 
     >>> summarize(KafkaRecord(topic="orders.dlq", partition=0, offset=0, timestamp=1000,
     ...           headers=(("dlq.original.topic", b"orders"), ("dlq.error.class", b"builtins.KeyError"))))
     ('orders', 'builtins.KeyError', None, 'native', 1000, 1000)
     """
     h = dict(record.headers)  # the last of a repeated header wins, as in decode
+    summary = _summarize(record, h)
+    carried = h.get(native.FIRST_FAILURE)
+    if carried is None or summary[3] is None or summary[3] == _NATIVE:
+        return summary
+    topic, error, reason, source, first, last = summary
+    return (topic, error, reason, source, native.earlier(_ms(carried, None), first), last)
+
+
+def _summarize(record: KafkaRecord, h: Mapping[str, bytes | None]) -> Summary:
     ts = record.timestamp
     reason = _text(h.get(native.REASON))
     if native.TOPIC in h:

@@ -19,8 +19,10 @@ the original headers, since they were on the record before it failed):
    headers carries them into its own dead letter when the record fails there again.
 6. the seed system's JSON envelope, when the value is a JSON object with an envelope field.
 
-Anything else is :class:`Undecodable` with ``source_format`` None. Whatever the format, a ``dlq.redrive.count``
-header (redrive's loop guard, kept by the system the record failed in next) is read as the redrive count.
+Anything else is :class:`Undecodable` with ``source_format`` None. Whatever the format, the headers a redrive
+sent home with the record are read as its history, not kept as original headers: ``dlq.redrive.count`` is the
+redrive count, ``dlq.attempts`` is added to the format's own attempts (capped at ``MAX_ATTEMPTS``), and
+``dlq.first.failure`` is the first failure when it is the earlier.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def decode(record: KafkaRecord) -> DeadLetter | Undecodable:
     try:
         dead_letter = decoder(record)
         if source_format is not SourceFormat.NATIVE:
-            dead_letter = native.with_redrive_count(dead_letter, record.headers)
+            dead_letter = native.with_carried(dead_letter, record.headers)
         return dead_letter
     except NotThisFormat as exc:
         reason = f"unknown format: no dead-letter headers, and {exc}"

@@ -104,19 +104,36 @@ def decode_native(record: KafkaRecord) -> DeadLetter:
     )
 
 
-def with_redrive_count(dead_letter: DeadLetter, headers: Headers) -> DeadLetter:
-    """``dead_letter``, read in another format, with the ``dlq.redrive.count`` its record carried.
+def with_carried(dead_letter: DeadLetter, headers: Headers) -> DeadLetter:
+    """``dead_letter``, read in another format, with the history its record carried home from a redrive.
 
-    Redrive sends a record back with ``dlq.redrive.count`` as its loop guard; when it fails again in a Java or
-    Connect consumer, that system keeps the header among the original ones. The count is ours whatever format
-    the record failed in next, so it is read here and is not an original header.
+    Redrive sends a record back with ``dlq.attempts``, ``dlq.first.failure`` and ``dlq.redrive.count``; when it
+    fails again in a system that keeps its headers, that system's dead letter carries them among the original
+    ones. They are ours whatever format the record failed in next: the attempts are the carried ones plus that
+    system's own (capped at ``MAX_ATTEMPTS``), the first failure is the earlier of the two, the redrive count is
+    the carried one; and none of the three stays an original header. A corrupt one raises ``FormatError``.
     """
-    count = Fields(headers).decimal(REDRIVE_COUNT, high=MAX_ATTEMPTS)
-    if count is None:
+    fields = Fields(headers)
+    if not any(name in fields for name in CARRIED):
         return dead_letter
-    original_headers = without(dead_letter.original.headers, lambda _, name: name == REDRIVE_COUNT)
-    original = dataclasses.replace(dead_letter.original, headers=original_headers)
-    return dataclasses.replace(dead_letter, original=original, redrive_count=count)
+    attempts = fields.decimal(ATTEMPTS, high=MAX_ATTEMPTS)
+    first_failure = fields.decimal(FIRST_FAILURE, high=MAX_EPOCH_MS)
+    count = fields.decimal(REDRIVE_COUNT, high=MAX_ATTEMPTS)
+    original_headers = without(dead_letter.original.headers, lambda _, name: name in CARRIED)
+    return dataclasses.replace(
+        dead_letter,
+        original=dataclasses.replace(dead_letter.original, headers=original_headers),
+        attempts=dead_letter.attempts if attempts is None else min(MAX_ATTEMPTS, attempts + dead_letter.attempts),
+        first_failure=earlier(first_failure, dead_letter.first_failure),
+        redrive_count=dead_letter.redrive_count if count is None else count,
+    )
+
+
+def earlier(first: int | None, other: int | None) -> int | None:
+    """The earlier of two times, either of which may be unknown."""
+    if first is None:
+        return other
+    return first if other is None else min(first, other)
 
 
 def _original_headers(headers: Headers) -> Headers:
