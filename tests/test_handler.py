@@ -808,6 +808,34 @@ def test_a_lease_must_outlast_the_processor_timeout_by_a_second():
         )
 
 
+async def test_a_record_whose_claim_was_lost_during_the_call_is_not_parked_by_this_instance(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, [dead_letter("orders", b"taken", b"v")])
+    holder: list[DLQHandler] = []
+
+    async def process(dl: DeadLetter) -> None:
+        # Meanwhile the lease ran out and another instance claimed the record: its claim is not this call's now.
+        schedule = holder[0].schedule
+        await schedule.client.hset(schedule.keys["claims"], str(dl.dlq), "another instance's claim")
+        raise ParkNow("refund already issued")
+
+    async with _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": process}) as handler:
+        holder.append(handler)
+        await wait_for(
+            lambda: (
+                handler.metrics.registry.get_sample_value("kafka_dlq_lost_claims_total", {"handler": handler.name}) == 1
+            ),
+            30,
+            "the lost claim counted",
+        )
+        metrics = handler.get_metrics()
+    poison = await asyncio.to_thread(_poison, kafka_bootstrap, topic)
+    assert poison == []  # the instance that holds the claim decides; this one wrote nothing
+    assert metrics["parked"] == 0
+
+
 # ---------------------------------------------------------------- intake: every record once, whatever fails
 
 

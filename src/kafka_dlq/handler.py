@@ -589,7 +589,13 @@ class DLQHandler:
     async def _failed(self, claimed: Claimed, updated: Entry, decision: Decision) -> None:
         topic = updated.dead_letter.original.topic
         if decision.outcome is Outcome.PARKED:
-            await self._finish_parked(replace(claimed, entry=updated), decision, original_claim=claimed)
+            # The call may have used most of the lease: renew it before writing to the poison topic, or the lease
+            # could end during the write and another instance run the record while it is parked (two doors).
+            kept = await self.schedule.renew(claimed, self.lease)
+            if kept is None:
+                self.metrics.lost_claims.labels(self.name).inc()
+                return
+            await self._finish_parked(replace(kept, entry=updated), decision, original_claim=kept)
             return
         delay = decision.delay
         if delay is None:
