@@ -478,6 +478,11 @@ class DLQHandler:
                 # Waited for a slot through _MAX_RENEWALS renewals: back to due, for whichever instance has room.
                 await self.schedule.defer(claimed, _now_ms())
                 return
+            if not self._running:
+                # Stopping: a claim that got its slot only now starts no new call; it goes back to due at once.
+                semaphore.release()
+                await self.schedule.defer(claimed, _now_ms())
+                return
             deferred = False
             try:
                 # Asked once a slot is free, not before: a claim that queued for the slot while the circuit
