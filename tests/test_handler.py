@@ -888,7 +888,11 @@ async def test_an_intake_batch_retried_after_redis_fails_counts_and_parks_each_r
         ) as handler:
             await asyncio.to_thread(redis.stop)
             await asyncio.to_thread(seed, kafka_bootstrap, topic, records)
-            await wait_for(lambda: handler.get_metrics()["consumed"] > 0, 30, "the first try of the batch")
+            await wait_for(
+                lambda: handler.get_metrics()["consumed"] == handler.get_metrics()["parked"] == 5,
+                30,
+                "the parks of the first try of the batch",
+            )
             # Only the parks went through: the scheduled half is not durable, so not counted yet.
             assert handler.get_metrics()["consumed"] == handler.get_metrics()["parked"] == 5
             await asyncio.to_thread(redis.start)
