@@ -249,3 +249,24 @@ def test_given_a_redriven_record_that_failed_again_in_spring_stats_keeps_its_fir
     record = KafkaRecord(topic="orders.dlq", partition=0, offset=0, timestamp=T0 + 60_000, headers=headers)
 
     assert summarize(record)[3:] == ("spring", T0, T0 + 60_000)
+
+
+def test_stats_shows_the_lag_of_the_group_the_handler_uses_its_group_id_before_its_name(
+    kafka_bootstrap, new_topic, tmp_path
+):
+    from tests.test_redrive import CLEAN_ENV
+
+    topic = new_topic(1)
+    seed(kafka_bootstrap, topic, [mixed(0)[0]])
+    path = tmp_path / "run.toml"
+    path.write_text(f'name = "billing"\ngroup_id = "billing-consumers"\nbootstrap_servers = "{kafka_bootstrap}"\n')
+
+    # KAFKA_DLQ_NAME names the handler, as it does for the handler itself: its group_id still decides the group.
+    result = CliRunner().invoke(
+        app,
+        ["stats", topic, "-c", str(path), "--json"],
+        env={**CLEAN_ENV, "KAFKA_DLQ_GROUP_ID": None, "KAFKA_DLQ_NAME": "billing"},
+    )
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["group"] == "billing-consumers"

@@ -197,8 +197,9 @@ def stats_command(
         config = _kafka_config(bootstrap or found.bootstrap, kafka_setting, found.kafka)
     except ConfigError as exc:
         raise _fail(exc) from exc
-    if group is None:  # the handler's group: the one named (flag or variable), else the file's
-        group = f"kafka-dlq-{name}" if name else found.group or (f"kafka-dlq-{found.name}" if found.name else None)
+    if group is None:  # the handler's group, found as the handler finds it: its group_id, else from its name
+        handler = name or found.name
+        group = found.group or (f"kafka-dlq-{handler}" if handler else None)
     with _progress(f"reading {', '.join(topics)}") as update:
         stats = _run(collect_stats(config, topics, group=group, progress=update))
     data = stats.to_json()
