@@ -226,13 +226,15 @@ def check_resumable(
     ``times`` maps each option (``--since``, ``--until``) to its text as given. A run's default group is named
     after its filter, with times resolved to epoch milliseconds: run again later, ``2h`` is another moment, so
     another group, which starts from the beginning and sends every record again. An absolute time, or a group
-    the operator names, makes a rerun resume where the last run stopped. Dry runs commit nothing: no need.
+    the operator names, makes a rerun resume where the last run stopped; but the group commits the records the
+    window skips as well, so a rerun of a moving window never sends those that came into it after the last run:
+    the message leads with the absolute time, the safer choice. Dry runs commit nothing: no need.
 
     >>> check_resumable({"--since": "2h"}, group="orders-replay", now_ms=0)  # a named group resumes
     >>> check_resumable({"--since": "2h"}, group=None, now_ms=1714564800000)
     Traceback (most recent call last):
     ...
-    kafka_dlq.errors.ConfigError: --since '2h' is relative to now: ...
+    kafka_dlq.errors.ConfigError: --since 2024-05-01T10:00:00Z is what '2h' means now: pass that absolute time. ...
     """
     if group:
         return
@@ -244,10 +246,11 @@ def check_resumable(
             except (OverflowError, OSError, ValueError):  # a duration reaching before year 1
                 moment = str(millis)
             raise ConfigError(
-                f"{option} {text!r} is relative to now: every run reads it anew, so a rerun would select another "
-                "range under another consumer group and send every record again instead of resuming. Pass an "
-                f"absolute time ({option} {moment} is what it means now) or name the run's group "
-                f"({group_option} NAME; the same name again resumes)"
+                f"{option} {moment} is what {text!r} means now: pass that absolute time. {option} {text!r} is "
+                "relative to now: every run reads it anew, so a rerun would select another range under another "
+                "consumer group and send every record again instead of resuming. Or name the run's group "
+                f"({group_option} NAME; the same name again resumes), knowing that the group commits the records "
+                "the window skips too: a rerun never sends those that have moved into the window since"
             )
 
 
