@@ -167,7 +167,9 @@ async def test_a_handler_killed_mid_run_loses_nothing_and_repeats_at_most_what_w
 name = "{name}"
 topics = ["{topic}"]
 processor_timeout = 2
-lease = 3
+# A lease far longer than a call: only the kills make repeats, not a live instance whose call and finish outlast
+# the lease on a loaded machine (the entry claimed again while the first call still finishes).
+lease = 15
 max_in_flight = {in_flight}
 concurrency = {in_flight}
 [processors]
@@ -176,9 +178,10 @@ orders = "tests.crash_processor:process"
 initial_delay = 0.05
 max_delay = 0.2
 [kafka]
-# A killed member leaves the group after 6 s (the broker's minimum), not librdkafka's 45 s default: the next
-# instance takes over the partitions the killed one had not finished reading.
-"session.timeout.ms" = 6000
+# A killed member leaves the group after 10 s, not librdkafka's 45 s default: the next instance takes over the
+# partitions the killed one had not finished reading. (Not the broker's 6 s minimum: a loaded machine would let
+# live members' sessions lapse.)
+"session.timeout.ms" = 10000
 """,
     )
     calls_key = f"crash-calls:{name}"
