@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from redis.asyncio.connection import Connection as RedisConnection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from kafka_dlq import handler as handler_module
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, CircuitState
 from kafka_dlq.classify import Classifier
 from kafka_dlq.errors import ConfigError
@@ -806,6 +807,71 @@ def test_a_lease_must_outlast_the_processor_timeout_by_a_second():
             processor_timeout=2.0,
             lease=2.5,
         )
+
+
+async def test_a_claim_that_renewed_its_lease_too_often_waiting_for_a_slot_goes_back_to_due(
+    kafka_bootstrap, redis_url, unique_name, dlq, monkeypatch
+):
+    monkeypatch.setattr(handler_module, "_MAX_RENEWALS", 1)
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"w{i}".encode(), b"v") for i in range(2)]
+    )
+    calls: Counter[bytes] = Counter()
+
+    async def slow(dl: DeadLetter) -> None:
+        calls[dl.original.key or b""] += 1
+        await asyncio.sleep(1.5)  # the claim behind it renews at 0.5 s and 1 s, then gives up
+
+    handler = _handler(
+        kafka_bootstrap,
+        redis_url,
+        unique_name,
+        [topic],
+        processors={"orders": slow},
+        concurrency=1,
+        processor_timeout=2.0,
+        lease=3.0,
+    )
+    deferred: list[str] = []
+    defer = handler.schedule.defer
+
+    async def recording_defer(claimed, due_ms):
+        deferred.append(claimed.entry.dead_letter.original.key)
+        return await defer(claimed, due_ms)
+
+    handler.schedule.defer = recording_defer  # type: ignore[method-assign]
+    async with handler:
+        await wait_for(lambda: handler.get_metrics()["recovered"] == 2, 30, "both recovered")
+        lost = handler.metrics.registry.get_sample_value("kafka_dlq_lost_claims_total", {"handler": handler.name})
+    assert deferred  # handed back rather than renewed for ever
+    assert calls == Counter({b"w0": 1, b"w1": 1})  # and claimed again, and run once
+    assert lost in (0, None)
+
+
+async def test_claims_still_waiting_for_a_slot_at_stop_start_no_new_call(kafka_bootstrap, redis_url, unique_name, dlq):
+    topic = await asyncio.to_thread(dlq)
+    await asyncio.to_thread(
+        seed, kafka_bootstrap, topic, [dead_letter("orders", f"z{i}".encode(), b"v") for i in range(3)]
+    )
+    calls: list[bytes] = []
+
+    async def slow(dl: DeadLetter) -> None:
+        calls.append(dl.original.key or b"")
+        await asyncio.sleep(1.0)
+
+    handler = _handler(kafka_bootstrap, redis_url, unique_name, [topic], processors={"orders": slow}, concurrency=1)
+    await handler.start()
+    try:
+        await wait_for(lambda: len(calls) == 1 and len(handler._active) == 3, 30, "one call, two claims queued")
+    finally:
+        await handler.stop()
+    async with RedisSchedule(redis_url, handler.name) as schedule:
+        pending = await schedule.pending()
+        recovered = await schedule.history("recovered")
+    assert len(calls) == 1  # the two queued behind it were handed back, not called during the stop
+    assert len(recovered) == 1
+    assert pending == {"due": 2, "inflight": 0, "total": 2}
 
 
 async def test_a_record_whose_claim_was_lost_during_the_call_is_not_parked_by_this_instance(
