@@ -651,6 +651,29 @@ def test_a_real_redrive_or_park_with_a_relative_time_needs_a_group_so_that_a_rer
     assert len(read_all(kafka_bootstrap, orders, expected=4, idle=30, extra=1.0)) == 4
 
 
+def test_a_real_redrive_or_park_in_the_handlers_own_group_is_refused(kafka_bootstrap, new_topic, tmp_path):
+    dlq, orders = new_topic(1), new_topic(1)
+    seed(kafka_bootstrap, dlq, [dead_letter(orders, i) for i in range(2)])
+    config = run_config(tmp_path / "run.toml", kafka_bootstrap, dlq)  # the handler "billing": kafka-dlq-billing
+    runner = CliRunner()
+
+    by_file = runner.invoke(app, ["redrive", dlq, "-c", config, "--group", "kafka-dlq-billing"], env=CLEAN_ENV)
+    by_name = runner.invoke(
+        app,
+        ["park", dlq, "--group", "kafka-dlq-orders", "--poison-topic", orders, "--yes"],
+        env={**CLEAN_ENV, "KAFKA_DLQ_BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA_DLQ_NAME": "orders"},
+    )
+    dry = runner.invoke(
+        app, ["redrive", dlq, "-c", config, "--group", "kafka-dlq-billing", "--dry-run", "--json"], env=CLEAN_ENV
+    )
+
+    for result in (by_file, by_name):
+        assert result.exit_code == 1, result.output
+        assert "the handler's own consumer group" in result.output
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["sent"] == {orders: 2}  # a dry run commits nothing
+    assert read_all(kafka_bootstrap, orders, idle=1.0) == []
+
+
 @pytest.mark.slow
 def test_a_redrive_killed_three_times_then_run_to_the_end_delivers_each_record_exactly_once(kafka_bootstrap, new_topic):
     total = 100_000

@@ -32,6 +32,7 @@ from kafka_dlq.errors import ConfigError
 from kafka_dlq.handler import DLQHandler
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.testing import free_port
+from kafka_dlq.web.api import OpsApi
 from kafka_dlq.web.app import create_app, running
 from tests.helpers import read_all, seed
 from tests.test_handler import dead_letter
@@ -190,6 +191,19 @@ async def test_one_real_redrive_runs_at_a_time(kafka_bootstrap, new_topic, uniqu
     assert second.status_code == 409 and "running" in second.json()["error"]
     assert second.headers["Retry-After"] == "5"
     assert done.status_code == 200 and done.json()["sent"] == {home: 12}
+
+
+async def test_a_real_redrive_in_the_handlers_own_group_is_refused(kafka_bootstrap, new_topic):
+    dlq, home = await dlq_with(kafka_bootstrap, new_topic, [("builtins.KeyError", b"k0")])
+    api = OpsApi(bootstrap_servers=kafka_bootstrap, token=TOKEN, group="kafka-dlq-billing")
+    body = {"topic": dlq, "dry_run": False, "group": "kafka-dlq-billing"}
+
+    async with served(Starlette(routes=api.routes())) as client:
+        refused = await client.post("/api/redrive", json=body, headers=AUTH)
+
+    assert refused.status_code == 422 and refused.json()["field"] == "group"
+    assert "handler's own consumer group" in refused.json()["error"]
+    assert await records_in(kafka_bootstrap, home) == []
 
 
 async def test_a_dry_run_returns_counts_and_samples_and_sends_nothing(kafka_bootstrap, new_topic):

@@ -123,6 +123,22 @@ def _connection(bootstrap: str | None, kafka: list[str] | None, config_file: str
     return bootstrap, settings
 
 
+def _not_the_handlers(group: str | None, config_file: str | None) -> None:
+    """Refuse, for a real run, the consumer group of the handler that --config or KAFKA_DLQ_* names: the run would
+    join the handler's group and commit its offsets."""
+    if group is None:
+        return
+    from kafka_dlq.config import load_connection
+
+    found = load_connection(config_file)
+    handlers = found.group_id or (f"kafka-dlq-{found.name}" if found.name else None)
+    if group == handlers:
+        raise ConfigError(
+            f"--group {group!r} is the handler's own consumer group: a real run would join it and commit the "
+            "handler's offsets. Name another group, or leave --group out for the run's own"
+        )
+
+
 def _selection(
     since: str | None,
     until: str | None,
@@ -326,6 +342,7 @@ def redrive_command(
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
         if not dry_run:
             check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
+            _not_the_handlers(group, config_file)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
     with _progress(f"redrive {topic}", not as_json) as progress:
@@ -381,6 +398,7 @@ def park_command(
         select = _selection(since, until, partition, offsets, original_topic, error_class, error_pattern, key, header)
         if not dry_run:
             check_resumable({"--since": since, "--until": until}, group=group, now_ms=int(time.time() * 1000))
+            _not_the_handlers(group, config_file)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
 

@@ -418,7 +418,8 @@ class OpsApi:
         """``POST /api/redrive`` with a JSON body: a dry run (the default) or, with a token, a real redrive.
 
         A real redrive with a relative ``since`` or ``until`` (``2h``) needs a ``group``: its default group is
-        named after the range, which moves, so the same call again would send everything again (422 without).
+        named after the range, which moves, so the same call again would send everything again (422 without). The
+        handler's own group is refused (422): a real run would join it and commit the handler's offsets.
         """
         self._authorize(request)
         body = parse_body(await _json_body(request), REDRIVE)
@@ -438,6 +439,13 @@ class OpsApi:
                 )
             except ConfigError as exc:
                 raise ApiError(422, str(exc), field=name) from None
+        if self.group is not None and body["group"] == self.group:
+            raise ApiError(
+                422,
+                f"group {self.group!r} is the handler's own consumer group: a redrive in it would join the handler's "
+                'group and commit its offsets. Name another "group", or leave it out for the run\'s own',
+                field="group",
+            )
         if self._redriving:
             # Two runs of one group would fence each other's transactions; one at a time is also easier to follow.
             raise ApiError(409, "a redrive is running: try again when it has finished", headers={"Retry-After": "5"})
