@@ -75,3 +75,30 @@ def test_the_operating_walkthrough_runs_as_written(kafka_bootstrap, redis_url, t
         assert (rerun["read"], rerun["selected"], rerun["sent"]) == (0, 0, {})  # it resumed at the end
     finally:
         delete_topics(kafka_bootstrap, ["payments.dlq", "payments.dlq.poison", "payments"])
+
+
+def test_the_commands_the_readme_says_take_config_take_it_and_those_it_says_do_not_do_not():
+    from typer.testing import CliRunner
+
+    from kafka_dlq.cli import app
+
+    text = " ".join(README.read_text().split())
+    said = re.search(r"The operator commands \((.*?)\) take their connection settings", text)
+    assert said, "the README lost its sentence on which commands take --config"
+    commands = re.findall(r"`([a-z-]+)`", said.group(1))
+    assert {"stats", "peek", "redrive", "park", "pending", "doctor"} <= set(commands)
+    without = re.search(r"((?:`[a-z-]+` and )?`[a-z-]+`) take no `--config`", text)
+    assert without
+    runner = CliRunner()
+
+    def options(*command: str) -> str:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    for command in commands:
+        assert "--config" in options(command), command
+    for sub in ("retry-now", "park", "drop"):  # "pending and its subcommands"
+        assert "--config" in options("pending", sub), sub
+    for command in re.findall(r"`([a-z-]+)`", without.group(1)):
+        assert "--config" not in options(command), command
