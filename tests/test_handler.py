@@ -518,6 +518,12 @@ async def test_a_dead_letter_counted_twice_as_a_repeat_counts_once(redis_url, un
         assert await schedule.count_repeat("fp", "orders.dlq/0/5") == 1  # read again, or sent again
         assert await schedule.count_repeat("fp", "orders.dlq/0/9") == 2  # the same content failing again
         assert await schedule.count_repeat("other", "orders.dlq/0/9") == 1
+        # What it remembers is bounded by the TTL: a pair counted longer ago than that is forgotten at the next count.
+        seen = schedule.keys["repeats:seen"]
+        await schedule.client.zadd(seen, {"fp orders.dlq/0/1": 0})
+        assert await schedule.count_repeat("fp", "orders.dlq/0/10") == 3
+        assert await schedule.client.zscore(seen, "fp orders.dlq/0/1") is None
+        assert await schedule.client.zcard(seen) == 4
 
 
 async def test_the_schedules_client_does_not_send_a_command_again_when_its_reply_is_slow():

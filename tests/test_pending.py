@@ -117,6 +117,18 @@ async def test_drop_removes_for_good_and_records_who_and_when(schedule):
     assert await schedule.add([(entry("orders.dlq", 6, "payments"), now_ms())]) == 0
 
 
+async def test_a_drop_forgets_old_done_entries_with_their_finishing_tokens(schedule):
+    keys = schedule.keys
+    # An entry a handler finished long ago (older than done_keep): in done, with its finishing token.
+    await schedule.client.zadd(keys["done"], {"orders.dlq/0/99": 0})
+    await schedule.client.hset(keys["finished"], "orders.dlq/0/99", "an old claim")
+    async with PendingRetries(schedule.redis_url, schedule.name, by="alice@ops") as pending:
+        result = await pending.drop(Selection(original_topic="payments"))
+    assert result.done  # something was dropped, so done was trimmed
+    assert await schedule.client.zscore(keys["done"], "orders.dlq/0/99") is None
+    assert await schedule.client.hget(keys["finished"], "orders.dlq/0/99") is None  # forgotten together
+
+
 async def test_park_writes_to_the_poison_topic_then_removes(schedule, kafka_bootstrap, new_topic):
     dlq = await asyncio.to_thread(new_topic, 1, None, "park.dlq")
     await schedule.add((entry(dlq, i), now_ms() + HOUR_MS) for i in range(3))

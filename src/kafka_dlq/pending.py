@@ -83,7 +83,7 @@ end
 return out
 """
 
-# KEYS: due, inflight, body, claims, done, history:dropped.
+# KEYS: due, inflight, body, claims, done, history:dropped, finished.
 # ARGV: now_ms, done_keep_ms, history_max, history_ttl_s, then pairs (id, history_item).  Returns a status per id.
 _DROP = """
 local now = tonumber(ARGV[1])
@@ -112,7 +112,12 @@ for i = 5, #ARGV, 2 do
   table.insert(out, status)
 end
 if dropped > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[2]))
+  -- As the handler's finish trims done: an entry forgotten by done is forgotten by finished too.
+  local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 1000)
+  for _, old_id in ipairs(old) do
+    redis.call('ZREM', KEYS[5], old_id)
+    redis.call('HDEL', KEYS[7], old_id)
+  end
   redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[3]) - 1)
   redis.call('EXPIRE', KEYS[6], tonumber(ARGV[4]))
 end
@@ -150,7 +155,7 @@ end
 return out
 """
 
-# KEYS: inflight, body, claims, done, history:parked.
+# KEYS: inflight, body, claims, done, history:parked, finished.
 # ARGV: now_ms, done_keep_ms, history_max, history_ttl_s, token, then pairs (id, history_item).
 # Returns per id 'ok', or 'lost' when the operator's claim is no longer held (its lease expired).
 _PARKED = """
@@ -172,7 +177,12 @@ for i = 6, #ARGV, 2 do
   end
 end
 if parked > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[2]))
+  -- As the handler's finish trims done: an entry forgotten by done is forgotten by finished too.
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 1000)
+  for _, old_id in ipairs(old) do
+    redis.call('ZREM', KEYS[4], old_id)
+    redis.call('HDEL', KEYS[6], old_id)
+  end
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[3]) - 1)
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4]))
 end
@@ -549,7 +559,15 @@ class PendingRetries:
                 args += [entry.id, self._history(entry, now, "dropped", note)]
             statuses = await self._run(
                 "drop",
-                [keys["due"], keys["inflight"], keys["body"], keys["claims"], keys["done"], self.dropped_key],
+                [
+                    keys["due"],
+                    keys["inflight"],
+                    keys["body"],
+                    keys["claims"],
+                    keys["done"],
+                    self.dropped_key,
+                    keys["finished"],
+                ],
                 args,
             )
             self._sort(result, [entry.id for entry in chunk], statuses)
@@ -654,7 +672,16 @@ class PendingRetries:
             await self._run("release", [keys["due"], keys["inflight"], keys["claims"]], back)
         if finished:
             statuses = await self._run(
-                "parked", [keys["inflight"], keys["body"], keys["claims"], keys["done"], keys["history:parked"]], finish
+                "parked",
+                [
+                    keys["inflight"],
+                    keys["body"],
+                    keys["claims"],
+                    keys["done"],
+                    keys["history:parked"],
+                    keys["finished"],
+                ],
+                finish,
             )
             for entry_id, raw in zip(finished, statuses, strict=True):
                 if _str(raw) == OK:

@@ -11,8 +11,9 @@ Per handler (namespace ``kafka-dlq:{name}``), every key under one hash tag so Re
   (``dropped``: what an operator removed with ``kafka-dlq pending drop``, with who and when)
 - ``finished`` hash: entry id -> the token of the claim that last finished it, so a finish sent again (its reply
   lost with its connection) is known as done, not as a lost claim
-- ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders); ``repeats:seen`` hash:
-  fingerprint + dead letter id -> 1, so one dead letter read twice counts once
+- ``repeats``  hash: fingerprint -> failures after redrive (repeat offenders); ``repeats:seen`` sorted set:
+  fingerprint + dead letter id, scored by when first counted (trimmed to the TTL), so one dead letter read twice
+  counts once
 - ``written``  counter bumped after each durable write, on the same connection (see ``write_script``)
 
 An entry id is the dead letter's coordinates (``dlq topic/partition/offset``), never a hash of its value.
@@ -232,12 +233,16 @@ end
 return out
 """
 
-# KEYS: repeats, repeats:seen.  ARGV: fingerprint, dead letter id, ttl_s. Counts the dead letter once per
+# KEYS: repeats, repeats:seen.  ARGV: fingerprint, dead letter id, ttl_s, now_ms. Counts the dead letter once per
 # fingerprint however often it is sent (a batch read again, a resend after a dropped connection); returns the count.
+# repeats:seen is scored by when each pair was first counted and trimmed to the TTL on every call: bounded by the
+# dead letters of the last TTL, as repeats itself is.
 _COUNT_REPEAT = """
 local seen = ARGV[1] .. ' ' .. ARGV[2]
+local now = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]) * 1000)
 local count
-if redis.call('HSETNX', KEYS[2], seen, 1) == 1 then
+if redis.call('ZADD', KEYS[2], 'NX', now, seen) == 1 then
   count = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 else
   count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -546,7 +551,9 @@ class RedisSchedule:
         k = self.keys
         # A ScheduleError, as every schedule call: the handler retries those.
         reply = await self._run(
-            "count_repeat", [k["repeats"], k["repeats:seen"]], [fingerprint, dead_letter_id, self.history_ttl]
+            "count_repeat",
+            [k["repeats"], k["repeats:seen"]],
+            [fingerprint, dead_letter_id, self.history_ttl, _now_ms()],
         )
         return int(reply)
 
