@@ -103,6 +103,9 @@ def test_given_a_global_config_of_an_app_the_operator_lacks_when_peeking_then_fl
     assert json.loads(dry.stdout)["sent"] == {orders: 2}
     assert stats.exit_code == 0, stats.output
     assert json.loads(stats.stdout)["group"] == "kafka-dlq-billing"  # the file names the handler
+    other = runner.invoke(app, ["stats", dlq, "--bootstrap", kafka_bootstrap, "--name", "refunds", "--json"], env=env)
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.stdout)["group"] == "kafka-dlq-refunds"  # a flag naming another handler wins
     assert no_kafka.exit_code == 1 and "no Kafka" in no_kafka.output  # what is needed is checked once merged
 
 

@@ -198,8 +198,10 @@ def stats_command(
     except ConfigError as exc:
         raise _fail(exc) from exc
     if group is None:  # the handler's group, found as the handler finds it: its group_id, else from its name
-        handler = name or found.name
-        group = found.group or (f"kafka-dlq-{handler}" if handler else None)
+        if name and name != found.name:  # another handler than the file's (--name or KAFKA_DLQ_NAME): its group
+            group = f"kafka-dlq-{name}"
+        else:
+            group = found.group or (f"kafka-dlq-{found.name}" if found.name else None)
     with _progress(f"reading {', '.join(topics)}") as update:
         stats = _run(collect_stats(config, topics, group=group, progress=update))
     data = stats.to_json()
