@@ -13,7 +13,7 @@ Two pieces, so that a unit test runs exactly the logic production runs:
 
 Decisions, each explained where it is made:
 
-- **In-place retry budget.** A record's in-place retries end ``retry_budget`` seconds (default 10) after its first
+- **In-place retry budget.** A record's in-place retries end ``retry_budget`` seconds (default 7.5) after its first
   call started, on a monotonic clock: time inside the handler counts as much as time in backoff. A retry whose
   backoff would end past the budget is not taken, the record goes to the DLQ. And whatever the policy or the
   handler says (``RetryLater`` included, whose delay may be 0), a delivery gets at most ``policy.max_attempts``
@@ -284,7 +284,7 @@ class RetryEngine:
         dlq_topic: str | Callable[[str], str] | None = None,
         classifier: Classifier | None = None,
         policy: RetryPolicy | None = None,
-        retry_budget: float | timedelta = 10.0,
+        retry_budget: float | timedelta = 7.5,
         concurrency: int = 64,
         ordering: Ordering = Ordering.UNORDERED,
         spring_compatible: bool = False,
@@ -597,8 +597,8 @@ class RetryEngine:
             decision = self.classifier.classify(
                 error, policy=self.policy, attempts=in_place, first_failure_ms=life_first_failure, now_ms=now
             )
-            # The attempt limit holds whatever the decision: a RetryLater(delay=0) skips the classifier's
-            # limits (the handler's word is explicit), and must not make the in-place loop spin for ever.
+            # The in-place limit holds whatever the decision: the classifier's own limits need not stop a
+            # RetryLater(delay=0) here (max_attempts may be None, or above MAX_IN_PLACE_ATTEMPTS).
             if not decision.parked and in_place < self.in_place_attempts:
                 delay = decision.delay
                 if delay is None:
@@ -753,7 +753,7 @@ class RetryingConsumer:
         dlq_topic: str | Callable[[str], str] | None = None,
         classifier: Classifier | None = None,
         policy: RetryPolicy | None = None,
-        retry_budget: float | timedelta = 10.0,
+        retry_budget: float | timedelta = 7.5,
         concurrency: int = 64,
         ordering: Ordering = Ordering.UNORDERED,
         spring_compatible: bool = False,

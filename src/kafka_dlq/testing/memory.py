@@ -74,7 +74,7 @@ class MemoryRetryingConsumer:
         dlq_topic: str | Callable[[str], str] | None = None,
         classifier: Classifier | None = None,
         policy: RetryPolicy | None = None,
-        retry_budget: float | timedelta = 10.0,
+        retry_budget: float | timedelta = 7.5,
         concurrency: int = 64,
         ordering: Ordering = Ordering.UNORDERED,
         spring_compatible: bool = False,
