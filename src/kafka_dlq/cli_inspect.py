@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -27,6 +26,7 @@ from kafka_dlq.cli import JsonOption, _emit, _fail, app, console
 from kafka_dlq.errors import ConfigError, KafkaDLQError
 
 if TYPE_CHECKING:  # the modules behind the commands load when a command runs: `kafka-dlq --help` stays quick
+    from kafka_dlq.config import Connection
     from kafka_dlq.pending import ActionResult, PendingSummary, Selection
 
 T = TypeVar("T")
@@ -64,34 +64,17 @@ ConfigOption = Annotated[
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FileSettings:
-    """The connection settings of a ``kafka-dlq run`` config file, its ``KAFKA_DLQ_*`` variables applied."""
-
-    bootstrap: str | None = None
-    redis_url: str | None = None
-    name: str | None = None
-    group: str | None = None
-    kafka: Mapping[str, Any] = field(default_factory=dict)
-
-
-def file_settings(path: str | None) -> FileSettings:
+def file_settings(path: str | None) -> Connection:
     """What ``--config FILE`` gives (nothing without a file), ``KAFKA_DLQ_*`` variables over it: its connection
     settings only (:func:`kafka_dlq.config.load_connection`), so the file need not be complete and its processors
     need not import here. Flags then win over both (the caller's ``or``), and the caller checks what it needs.
     """
-    if path is None:
-        return FileSettings()
-    from kafka_dlq.config import load_connection
+    from kafka_dlq.config import Connection, load_connection
 
-    found = load_connection(path)
-    return FileSettings(
-        bootstrap=found.bootstrap_servers,
-        redis_url=found.redis_url,
-        name=found.name,
-        group=found.group_id,
-        kafka=dict(found.kafka),
-    )
+    if path is None:
+        return Connection()
+
+    return load_connection(path)
 
 
 def _kafka_config(
@@ -194,14 +177,12 @@ def stats_command(
 
     try:
         found = file_settings(config_file)
-        config = _kafka_config(bootstrap or found.bootstrap, kafka_setting, found.kafka)
+        config = _kafka_config(bootstrap or found.bootstrap_servers, kafka_setting, found.kafka)
     except ConfigError as exc:
         raise _fail(exc) from exc
     if group is None:  # the handler's group, found as the handler finds it: its group_id, else from its name
-        if name and name != found.name:  # another handler than the file's (--name or KAFKA_DLQ_NAME): its group
-            group = f"kafka-dlq-{name}"
-        else:
-            group = found.group or (f"kafka-dlq-{found.name}" if found.name else None)
+        # Another handler than the file's (--name or KAFKA_DLQ_NAME): that handler's group.
+        group = f"kafka-dlq-{name}" if name and name != found.name else found.handler_group
     with _progress(f"reading {', '.join(topics)}") as update:
         stats = _run(collect_stats(config, topics, group=group, progress=update))
     data = stats.to_json()
@@ -253,11 +234,12 @@ def stats_command(
 
 
 def _config_or_fail(
-    bootstrap: str | None, settings: list[str] | None, found: FileSettings | None = None
+    bootstrap: str | None, settings: list[str] | None, found: Connection | None = None
 ) -> dict[str, Any]:
-    found = found or FileSettings()
     try:
-        return _kafka_config(bootstrap or found.bootstrap, settings, found.kafka)
+        if found is None:
+            return _kafka_config(bootstrap, settings, {})
+        return _kafka_config(bootstrap or found.bootstrap_servers, settings, found.kafka)
     except ConfigError as exc:
         raise _fail(exc) from exc
 
@@ -415,7 +397,7 @@ def pending_command(
 
 def _settings(
     ctx: typer.Context, name: str | None, redis_url: str | None, config_file: str | None
-) -> tuple[str, str, FileSettings]:
+) -> tuple[str, str, Connection]:
     """The handler's name and Redis: this command's flags, then those given before it (``pending --name x park``),
     then the config file's; and what the file gives besides."""
     parent = ctx.obj or {}

@@ -108,7 +108,7 @@ SampleOption = Annotated[int, typer.Option(help="Records shown by --dry-run.")]
 def _connection(bootstrap: str | None, kafka: list[str] | None, config_file: str | None) -> tuple[str, dict[str, Any]]:
     """Kafka's servers and settings: flags (or their KAFKA_DLQ_* variables) over the config file's."""
     found = file_settings(config_file)
-    bootstrap = bootstrap or found.bootstrap
+    bootstrap = bootstrap or found.bootstrap_servers
     if not bootstrap:
         raise ConfigError(
             "no Kafka to talk to: pass --bootstrap HOST:PORT, set KAFKA_DLQ_BOOTSTRAP_SERVERS or give --config FILE "
@@ -131,8 +131,7 @@ def _not_the_handlers(group: str | None, config_file: str | None) -> None:
     from kafka_dlq.config import load_connection
 
     found = load_connection(config_file)
-    handlers = found.group_id or (f"kafka-dlq-{found.name}" if found.name else None)
-    if group == handlers:
+    if group == found.handler_group:
         raise ConfigError(
             f"--group {group!r} is the handler's own consumer group: a real run would join it and commit the "
             "handler's offsets. Name another group, or leave --group out for the run's own"

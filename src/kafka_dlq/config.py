@@ -191,6 +191,11 @@ class Connection:
     group_id: str | None = None
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def handler_group(self) -> str | None:
+        """The handler's consumer group, found as ``DLQHandler`` finds it: ``group_id``, else ``kafka-dlq-<name>``."""
+        return self.group_id or (f"kafka-dlq-{self.name}" if self.name else None)
+
 
 _CONNECTION = ("name", "bootstrap_servers", "redis_url", "group_id")
 _CONNECTION_ENV = {var: key for var, key in _ENV.items() if key in _CONNECTION}
