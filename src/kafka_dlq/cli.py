@@ -188,6 +188,10 @@ def bench_command(
     records: Annotated[int, typer.Option(help="Records per case.")] = 100_000,
     size: Annotated[int, typer.Option(help="Value size of each record, in bytes.")] = 1024,
     partitions: Annotated[int, typer.Option(help="Partitions of each topic the benchmark creates.")] = 3,
+    rounds: Annotated[
+        int,
+        typer.Option(help="Times the client benchmark runs each case, both sides; the median round is reported."),
+    ] = 3,
     bootstrap: Annotated[
         str | None,
         typer.Option(
@@ -233,6 +237,7 @@ def bench_command(
             records=records,
             size=size,
             partitions=partitions,
+            rounds=rounds,
             client_config=settings,
         )
         if bootstrap is None:

@@ -53,6 +53,7 @@ __all__ = [
     "client_settings",
     "find_bench",
     "render_table",
+    "round_ratio",
     "run_bench",
     "unique_name",
 ]
@@ -78,6 +79,8 @@ class BenchOptions:
     """Partitions of every topic the benchmark creates (the same for the project's code and the baseline)."""
     client_config: Mapping[str, str] = field(default_factory=dict)
     """librdkafka settings for every client the benchmark measures, the project's and the baseline's alike."""
+    rounds: int = 1
+    """How many times a benchmark that repeats (``client``) runs each case, both sides; it reports the median round."""
     progress: Callable[[str], None] = _quiet
     """Told which step starts ("produce: bare"), for a status line; never writes to stdout itself."""
 
@@ -88,6 +91,8 @@ class BenchOptions:
             raise ConfigError(f"--size must be 0 or more bytes (got {self.size})")
         if self.partitions < 1:
             raise ConfigError(f"--partitions must be at least 1 (got {self.partitions})")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1 (got {self.rounds})")
 
 
 @dataclass(frozen=True)
@@ -355,11 +360,11 @@ class Case:
         if self.baseline is not None:
             out["baseline_seconds"] = round(self.baseline.seconds, 3)
             out["baseline_records_per_second"] = round(self.baseline.per_second, 1)
-            out["ratio"] = _round_ratio(self.ratio)
+            out["ratio"] = round_ratio(self.ratio)
         return out
 
 
-def _round_ratio(ratio: float | None) -> float | None:
+def round_ratio(ratio: float | None) -> float | None:
     return None if ratio is None else round(ratio, 3)
 
 
@@ -400,7 +405,7 @@ class BenchReport:
         if lead.baseline is not None:
             out["baseline"] = self.baseline
             out["baseline_records_per_second"] = round(lead.baseline.per_second, 1)
-            out["ratio"] = _round_ratio(lead.ratio)
+            out["ratio"] = round_ratio(lead.ratio)
         if self.loop is not None:
             out["loop_lag_ms"] = self.loop.lag_summary()
             out["gc"] = self.loop.gc_summary()
