@@ -67,6 +67,8 @@ _DEFAULTS: dict[str, Any] = {
     # doubled the rate at which `kafka-dlq bench client` consumed.
     "fetch.queue.backoff.ms": 10,
 }
+_SLICE = 100
+"""Records built from the thread's batches per turn of the loop (see ``AsyncConsumer._take_slice``)."""
 _OWNED = {"enable.auto.commit", "enable.auto.offset.store", "on_commit", "error_cb"}
 
 
@@ -125,6 +127,9 @@ class AsyncConsumer:
         # Loop side.
         self._loop_thread: int | None = None
         self._buffer: deque[KafkaRecord] = deque()
+        self._incoming: deque[list[Message]] = deque()  # batches handed over, not yet built into records
+        self._incoming_at = 0  # how far into the first incoming batch the records are built
+        self._taking = False  # a slice of the incoming batches is scheduled
         self._arrived = asyncio.Event()
         self._error: KafkaClientError | ConfigError | None = None
         self._current: dict[TP, int] = {}  # assigned partition -> generation, as the loop knows it
@@ -226,7 +231,9 @@ class AsyncConsumer:
                 self._error = None  # a fatal error stays: the consumer is unusable, every later call says so
             raise error
         if self.state is ClientState.CLOSED and not self._buffer:
-            raise ClientClosedError("the consumer is stopped")
+            self._take_all()  # what the thread handed over before it stopped
+            if not self._buffer:
+                raise ClientClosedError("the consumer is stopped")
         buffer = self._buffer
         if buffer:
             self._taken.set()  # the thread may be waiting for room to hand over more
@@ -249,7 +256,7 @@ class AsyncConsumer:
         return out
 
     async def __aiter__(self) -> AsyncIterator[KafkaRecord]:
-        while self.state is ClientState.RUNNING or self._buffer:
+        while self.state is ClientState.RUNNING or self._buffer or self._incoming:
             for record in await self.getmany():
                 yield record
 
@@ -336,6 +343,46 @@ class AsyncConsumer:
     # ---------------------------------------------------------------- loop-side callbacks from the thread
 
     def _on_batch(self, messages: list[Message]) -> None:
+        """A batch from the thread: queued, then taken in slices of ``_SLICE`` records, one slice per loop turn."""
+        if not _SLICE:
+            self._take_messages(messages)
+            return
+        self._incoming.append(messages)
+        if not self._taking:
+            self._taking = True
+            self._take_slice()
+
+    def _take_slice(self) -> None:
+        """Build the records of the next ``_SLICE`` messages; the rest wait for the next turn of the loop."""
+        if self._incoming:
+            self._take(_SLICE)
+        if self._incoming:
+            asyncio.get_running_loop().call_soon(self._take_slice)
+        else:
+            self._taking = False
+
+    def _take_all(self) -> None:
+        """Build every record handed over so far (before the assignment changes: they belong to the old one)."""
+        while self._incoming:
+            self._take(len(self._incoming[0]))
+
+    def _take(self, limit: int) -> None:
+        """Build the records of up to ``limit`` messages of the first incoming batch."""
+        incoming = self._incoming
+        messages = incoming[0]
+        start = self._incoming_at
+        end = start + limit
+        if end >= len(messages):
+            incoming.popleft()
+            self._incoming_at = 0
+            if start:
+                messages = messages[start:]
+        else:
+            self._incoming_at = end
+            messages = messages[start:end]
+        self._take_messages(messages)
+
+    def _take_messages(self, messages: list[Message]) -> None:
         self._received += len(messages)
         current, offsets_of, append = self._current, self._offsets, self._buffer.append
         last: TP | None = None
@@ -385,7 +432,9 @@ class AsyncConsumer:
             offsets.delivered_many(run)
         for owner, offset in skipped:
             owner.done(offset)
-        if self._buffer:
+        # A waiting getmany wakes once the whole handover is built (or a batch's worth of it is): it gets the batch
+        # at once, as it would without slices.
+        if self._buffer and (not self._incoming or len(self._buffer) >= self._batch_size):
             self._arrived.set()
 
     def _on_error(self, error: KafkaClientError | ConfigError) -> None:
@@ -393,6 +442,7 @@ class AsyncConsumer:
         self._arrived.set()
 
     def _on_partitions(self, assigned: dict[TP, PartitionOffsets], revoked: list[TP]) -> None:
+        self._take_all()  # records read before the change, under the assignment they were read in
         for tp in revoked:
             self._current.pop(tp, None)
         for tp, offsets in assigned.items():
