@@ -197,11 +197,13 @@ class AsyncProducer:
         producer = self._producer
         if self._fatal is not None:  # first: a producer closed by a fatal error says why
             raise self._fatal
-        if self.state is not ClientState.RUNNING or producer is None:
+        if self.state is not ClientState.RUNNING or producer is None or self._thread is None:
             raise ClientClosedError(f"the producer is {self.state.value}")
         if topic not in self._known_topics:
             await self._check_topic(topic)
-        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        # The producer's own loop, not asyncio.get_running_loop(): on Python 3.11 that asks the kernel for the
+        # process id on every call (to notice a fork), a system call per record.
+        future: asyncio.Future[Delivery] = self._thread.loop.create_future()
         # One small object per record in flight (a partial of a plain function, not of a bound method, which
         # would be a second one): fewer objects for the garbage collector to walk while records are in flight.
         on_delivery = functools.partial(_delivered, self, future)
@@ -323,7 +325,8 @@ class AsyncProducer:
                 future.set_exception(translate(error, f"delivery to {topic!r}"))
         if pending:
             self._resolve_scheduled = True
-            asyncio.get_running_loop().call_soon(self._resolve)
+            assert self._thread is not None
+            self._thread.loop.call_soon(self._resolve)
         self._room.set()
 
     # ---------------------------------------------------------------- the producer's thread
