@@ -47,6 +47,7 @@ _LOOP_SERVES_FOR = 0.01
 """Seconds after the loop last served delivery reports during which the thread leaves them to it."""
 _RESOLVE_CHUNK = 250
 """Delivery futures resolved in one loop callback; more wait for the next, so other tasks run in between."""
+_Future = asyncio.Future
 _PARTITION_ANY = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
 
 
@@ -94,6 +95,7 @@ class AsyncProducer:
         self._thread: ClientThread[Producer] | None = None
         self._producer: Producer | None = None
         self._loop_thread: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._completed: list[_Outcome] = []  # delivery reports served on the thread, for the loop to resolve
         self._to_resolve: deque[_Outcome] = deque()  # on the loop: handed over by the thread, not yet resolved
         self._resolve_scheduled = False
@@ -112,6 +114,7 @@ class AsyncProducer:
             raise ClientClosedError(f"this producer is {self.state.value}; a producer starts once: create a new one")
         self.state = ClientState.STARTING
         self._loop_thread = threading.get_ident()
+        self._loop = asyncio.get_running_loop()
         self._thread = ClientThread(
             f"kafka-dlq-{self.name}", asyncio.get_running_loop(), self._create, self._serve, self._close
         )
@@ -119,7 +122,7 @@ class AsyncProducer:
         try:
             await self._thread.started
             # produce() is called from the loop (it only queues); everything that waits stays on the thread.
-            self._producer = await self._thread.call(lambda producer: producer)
+            producer = await self._thread.call(lambda producer: producer)
             await self._after_start()
         except BaseException:
             self.state = ClientState.CLOSED
@@ -127,6 +130,7 @@ class AsyncProducer:
             await asyncio.shield(self._thread.finished)
             raise
         self.state = ClientState.RUNNING
+        self._producer = producer  # set while RUNNING only: send() checks this one attribute
         self._thread.finished.add_done_callback(self._thread_finished)
 
     def _thread_finished(self, finished: asyncio.Future[None]) -> None:
@@ -155,6 +159,7 @@ class AsyncProducer:
             self.state = ClientState.CLOSED
             return
         self.state = ClientState.STOPPING
+        self._producer = None
         thread = self._thread
         assert thread is not None
         try:
@@ -194,16 +199,15 @@ class AsyncProducer:
         timestamp: int | None = None,
     ) -> asyncio.Future[Delivery]:
         """Queue a record; returns its delivery future. Waits (without blocking) while the local queue is full."""
-        producer = self._producer
-        if self._fatal is not None:  # first: a producer closed by a fatal error says why
-            raise self._fatal
-        if self.state is not ClientState.RUNNING or producer is None or self._thread is None:
-            raise ClientClosedError(f"the producer is {self.state.value}")
+        producer = self._producer  # None unless RUNNING
+        if producer is None or self._fatal is not None:
+            raise self._fatal or ClientClosedError(f"the producer is {self.state.value}")  # a fatal error says why
         if topic not in self._known_topics:
             await self._check_topic(topic)
         # The producer's own loop, not asyncio.get_running_loop(): on Python 3.11 that asks the kernel for the
-        # process id on every call (to notice a fork), a system call per record.
-        future: asyncio.Future[Delivery] = self._thread.loop.create_future()
+        # process id on every call (to notice a fork), a system call per record. And the Future class itself:
+        # loop.create_future() is one more Python call around it.
+        future: asyncio.Future[Delivery] = _Future(loop=self._loop)
         # One small object per record in flight (a partial of a plain function, not of a bound method, which
         # would be a second one): fewer objects for the garbage collector to walk while records are in flight.
         on_delivery = functools.partial(_delivered, self, future)
@@ -295,6 +299,10 @@ class AsyncProducer:
         self._loop_served_at = time.monotonic()
         if producer.poll(0):
             self._room.set()
+            if not self._resolve_scheduled:
+                self._resolve_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._resolve)
 
     def _dispatch(self) -> None:
         if self._completed:
@@ -325,8 +333,8 @@ class AsyncProducer:
                 future.set_exception(translate(error, f"delivery to {topic!r}"))
         if pending:
             self._resolve_scheduled = True
-            assert self._thread is not None
-            self._thread.loop.call_soon(self._resolve)
+            assert self._loop is not None
+            self._loop.call_soon(self._resolve)
         self._room.set()
 
     # ---------------------------------------------------------------- the producer's thread
@@ -375,17 +383,16 @@ class AsyncProducer:
 def _delivered(
     producer: AsyncProducer, future: asyncio.Future[Delivery], error: KafkaError | None, msg: Message
 ) -> None:
-    # Inside poll() or flush(), on whichever thread called it. On the loop (poll(0) in send), resolve now;
-    # on the producer's thread, collect: _serve hands the batch to the loop. Nothing here may raise: an
-    # exception would surface from poll() in the middle of someone else's send().
-    topic = msg.topic() or ""
+    # Inside poll() or flush(), on whichever thread called it. On the loop (poll(0) in send), queue it for the
+    # resolver, which runs in slices after this poll: a poll serves every report that has arrived (after a broker
+    # pause, thousands), and resolving each future here too would make that one slice twice as long. On the
+    # producer's thread, collect: _serve hands the batch to the loop. Nothing here may raise: an exception would
+    # surface from poll() in the middle of someone else's send().
+    outcome = (future, error, msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
     if threading.get_ident() != producer._loop_thread:
-        producer._completed.append((future, error, topic, msg.partition() or 0, msg.offset() or 0))
-    elif not future.done():
-        if error is None:
-            future.set_result(_make_delivery((topic, msg.partition() or 0, msg.offset() or 0)))
-        else:
-            future.set_exception(translate(error, f"delivery to {topic!r}"))
+        producer._completed.append(outcome)
+    else:
+        producer._to_resolve.append(outcome)
 
 
 def _weaker_durability(config: Mapping[str, Any]) -> str | None:
