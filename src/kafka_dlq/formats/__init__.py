@@ -69,9 +69,10 @@ _NATIVE_FAILURE_HEADERS = native.HEADERS - native.CARRIED
 
 
 def _detect(record: KafkaRecord) -> tuple[SourceFormat, _Decoder]:
+    for name, _ in record.headers:  # native first, and cheaply: it is what the handler reads most
+        if name == native.TOPIC:
+            return SourceFormat.NATIVE, native.decode_native
     names = {name for name, _ in record.headers}
-    if native.TOPIC in names:
-        return SourceFormat.NATIVE, native.decode_native
     for source_format, marks, decoder in _BY_HEADERS:
         if any(marks(name) for name in names):
             return source_format, decoder

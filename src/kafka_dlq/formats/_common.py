@@ -145,6 +145,12 @@ class Fields:
         raw = self._last.get(name)
         if raw is None:
             return None
+        # The common case first, cheaply (this runs for several headers of every dead letter): plain ASCII digits
+        # (bytes.isdigit is ASCII only), short enough, in range. Anything else takes the strict path below.
+        if raw.isdigit() and len(raw) <= 20:
+            number = int(raw)
+            if low <= number <= high:
+                return number
         if not _DECIMAL.fullmatch(raw):
             raise FormatError(f"header {name} is not a decimal integer: {show(raw)}")
         if len(raw) > 20:  # longer than any 64-bit number: refuse before int() does the work

@@ -99,9 +99,12 @@ def decode_native(record: KafkaRecord) -> DeadLetter:
         group=fields.text(GROUP),
         reason=reason,
         redrive_count=fields.decimal(REDRIVE_COUNT, high=MAX_ATTEMPTS) or 0,
-        source_format=SourceFormat.NATIVE,
+        source_format=_NATIVE,
         dlq=coordinates(record),
     )
+
+
+_NATIVE = SourceFormat.NATIVE  # looked up once: an enum member's lookup is not free, and this runs per record
 
 
 def with_carried(dead_letter: DeadLetter, headers: Headers) -> DeadLetter:
@@ -140,10 +143,18 @@ def _original_headers(headers: Headers) -> Headers:
     # The encoder appends its headers after the original ones, starting with dlq.original.topic. kafka_dlt-*
     # headers after that point are our Spring-compatible copy; before it they belong to the original record
     # (say, one Spring dead-lettered earlier) and are kept byte for byte.
-    start = max((index for index, (name, _) in enumerate(headers) if name == TOPIC), default=len(headers))
-    return without(
-        headers, lambda index, name: name in HEADERS or (index > start and name.startswith(spring.DLT_PREFIX))
-    )
+    start = len(headers)
+    for index in range(len(headers) - 1, -1, -1):
+        if headers[index][0] == TOPIC:
+            start = index
+            break
+    kept = []
+    for index, header in enumerate(headers):
+        name = header[0]
+        if name in HEADERS or (index > start and name.startswith(spring.DLT_PREFIX)):
+            continue
+        kept.append(header)
+    return tuple(kept)
 
 
 def encode_native(dead_letter: DeadLetter, *, spring_compatible: bool = False) -> EncodedRecord:
