@@ -644,11 +644,10 @@ class PendingRetries:
         )
         taken: list[tuple[PendingEntry, Entry, str]] = []
         for index, entry in enumerate(chunk):
-            status, body, due = (
-                v.decode() if isinstance(v, bytes) else str(v) for v in reply[3 * index : 3 * index + 3]
-            )
+            raw_status, body, raw_due = reply[3 * index : 3 * index + 3]
+            status, due = _str(raw_status), _str(raw_due)
             if status == OK:
-                taken.append((entry, decode_entry(body), due))
+                taken.append((entry, decode_entry(body), due))  # the body as stored: bytes, not text
             else:
                 {IN_FLIGHT: result.in_flight}.get(status, result.missing).append(entry.id)
         if not taken:
