@@ -132,7 +132,9 @@ class Attempt:
     """Epoch milliseconds of the record's first failure, carried across redrives; None if it never failed."""
 
 
-_ATTEMPT: contextvars.ContextVar[Attempt] = contextvars.ContextVar("kafka_dlq_attempt")
+_ATTEMPT: contextvars.ContextVar[tuple[int, int, int, int | None]] = contextvars.ContextVar("kafka_dlq_attempt")
+"""The running call's (attempt, in_place_attempt, redrive_count, first_failure): a tuple, made into an Attempt only
+when a handler asks (a frozen dataclass per call costs more than the rest of a fast handler's bookkeeping)."""
 
 
 def current_attempt() -> Attempt:
@@ -143,9 +145,12 @@ def current_attempt() -> Attempt:
     ...         log.info("retrying %s", record.key)
     """
     try:
-        return _ATTEMPT.get()
+        attempt, in_place_attempt, redrive_count, first_failure = _ATTEMPT.get()
     except LookupError:
         raise LookupError("current_attempt() is only available inside a handler run by a retrying consumer") from None
+    return Attempt(
+        attempt=attempt, in_place_attempt=in_place_attempt, redrive_count=redrive_count, first_failure=first_failure
+    )
 
 
 def default_in_place_policy() -> RetryPolicy:
@@ -208,9 +213,13 @@ def _lenient_decimal(raw: bytes | None, high: int) -> int | None:
 
 def _history(record: KafkaRecord) -> tuple[KafkaRecord, _History]:
     """The record as the handler sees it (native metadata stripped) and the history that metadata carried."""
-    names = {name for name, _ in record.headers}
-    if not names & native_format.HEADERS:
+    ours = native_format.HEADERS
+    for name, _ in record.headers:
+        if name in ours:
+            break
+    else:
         return record, _NO_HISTORY
+    names = {name for name, _ in record.headers}
     if native_format.TOPIC in names:
         decoded = decode(record)
         if isinstance(decoded, DeadLetter):
@@ -344,7 +353,7 @@ class RetryEngine:
         self._lanes: dict[tuple[str, bytes], deque[KafkaRecord]] = {}
         # A stopped key, with the partitions whose records of it stopped it: it stays stopped until they are revoked.
         self._stopped_keys: dict[tuple[str, bytes], set[int]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = _Counters()
 
     def dlq_topic_for(self, topic: str) -> str:
@@ -388,7 +397,9 @@ class RetryEngine:
         self._free -= 1
         self.counters.received += 1
         if self.ordering is not Ordering.KEY or record.key is None:
-            self._spawn(self._guarded(record), self._release)
+            task = asyncio.get_running_loop().create_task(self._guarded(record))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)  # one shared callback: no closure per record
             return
         lane_id = (record.topic, record.key)
         if lane_id in self._stopped_keys:
@@ -426,6 +437,12 @@ class RetryEngine:
             cleanup()
 
         task.add_done_callback(finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        """A record's task is over (even cancelled before it started): its slot is free."""
+        self._tasks.discard(task)
+        self._free += 1
+        self._freed.set()
 
     def _release(self) -> None:
         self._free += 1
@@ -567,14 +584,7 @@ class RetryEngine:
             in_place += 1
             # A carried count at the format's limit stays there: one more would make the dead letter unreadable.
             attempts = min(history.attempts + in_place, MAX_ATTEMPTS)
-            token = _ATTEMPT.set(
-                Attempt(
-                    attempt=attempts,
-                    in_place_attempt=in_place,
-                    redrive_count=history.redrive_count,
-                    first_failure=first_failure,
-                )
-            )
+            token = _ATTEMPT.set((attempts, in_place, history.redrive_count, first_failure))
             try:
                 await self._call(view)
             except Exception as exc:
@@ -634,6 +644,11 @@ class RetryEngine:
     async def _call(self, record: KafkaRecord) -> None:
         timeout = self.handler_timeout
         if self._is_async:
+            if timeout is None:  # asyncio.timeout(None) costs a few microseconds a record for nothing
+                result = self.handler(record)
+                if inspect.isawaitable(result):
+                    await result
+                return
             async with asyncio.timeout(timeout):
                 result = self.handler(record)
                 if inspect.isawaitable(result):
