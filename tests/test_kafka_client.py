@@ -55,6 +55,25 @@ async def test_records_round_trip_with_key_value_and_headers(kafka_bootstrap, to
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, topic, 1) == {0: 5}
 
 
+async def test_batches_larger_than_a_slice_arrive_whole_in_offset_order(kafka_bootstrap, topic, group_id):
+    # The consumer builds a handed-over batch 100 records per turn of the loop; the application still gets every
+    # record once, in offset order, and a waiting getmany wakes to more than one slice's worth.
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, _records(3000))
+    got: list[KafkaRecord] = []
+    sizes: list[int] = []
+    async with _consumer(kafka_bootstrap, group_id, [topic], batch_size=1000) as consumer:
+        while len(got) < 3000:
+            batch = await consumer.getmany(max_records=1000, timeout=5)
+            assert batch, f"no record within 5 s after {len(got)}"
+            sizes.append(len(batch))
+            got += batch
+            consumer.done_many(batch)
+    assert [r.offset for r in got] == list(range(3000))
+    assert [r.value[:8] for r in got] == [b"%08d" % i for i in range(3000)]
+    assert max(sizes) > 100, sizes
+    assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, topic, 1) == {0: 3000}
+
+
 async def test_under_full_load_the_loop_never_stalls(kafka_bootstrap, new_topic, group_id, frozen_heap):
     source, copy = await asyncio.to_thread(new_topic, 3), await asyncio.to_thread(new_topic, 3)
     total = 30_000
