@@ -17,15 +17,13 @@ from collections.abc import Iterator
 
 import pytest
 import typer
-from hypothesis import given
-from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kafka_dlq import redrive as redrive_module
 from kafka_dlq.cli import app
 from kafka_dlq.errors import KafkaDLQError, TopicNotFoundError
 from kafka_dlq.filters import RecordFilter
-from kafka_dlq.formats import Undecodable, decode, encode_native, native
+from kafka_dlq.formats import decode, encode_native
 from kafka_dlq.kafka import KafkaRecord
 from kafka_dlq.kafka.admin import create_topics
 from kafka_dlq.outcomes import Reason
@@ -36,7 +34,6 @@ from kafka_dlq.redrive import (
     Guarantee,
     RateLimiter,
     Refusal,
-    _native_original,
     default_group,
     park,
     peek,
@@ -145,88 +142,6 @@ def test_a_dead_letter_in_a_foreign_format_goes_home_with_its_history_in_native_
         ("dlq.first.failure", b"1714564700000"),
         ("dlq.redrive.count", b"2"),
     )
-
-
-header_names = st.sampled_from(["seq", "tenant", "kafka_dlt-original-topic", "dlq.attempts", "dlq.redrive.count"])
-native_names = st.sampled_from(sorted(native.HEADERS))
-# What a broken (or merely unusual) native header may hold: bytes decode might refuse, and some it takes.
-header_values = (
-    st.none()
-    | st.binary(max_size=6)
-    | st.sampled_from(
-        [
-            b"abc",
-            b"",
-            b"-1",
-            b"-0",
-            b"007",
-            b" 3",
-            b"3 ",
-            b"1e3",
-            b"\xff\xfe",
-            b"\xc3\xa9",
-            b"manual",
-            b"Manual",
-            b"max_attempts",
-            b"9" * 21,
-            b"1000001",
-            b"2147483648",
-            b"253402300800000",
-            b"caf\xc3\xa9",
-        ]
-    )
-)
-
-
-@given(
-    topic=st.text(min_size=1, max_size=20),
-    key=st.none() | st.binary(max_size=8),
-    value=st.none() | st.binary(max_size=8),
-    headers=st.lists(st.tuples(header_names, st.none() | st.binary(max_size=4)), max_size=5),
-    redrive_count=st.integers(0, 5),
-    spring_compatible=st.booleans(),
-    broken=st.lists(st.tuples(st.integers(0, 40), native_names, header_values), max_size=4),
-    timestamp=st.none() | st.integers(0, 2**41),
-)
-def test_the_fast_path_reads_a_native_dead_letter_as_decode_does(
-    topic, key, value, headers, redrive_count, spring_compatible, broken, timestamp
-):
-    dead = DeadLetter(
-        original=OriginalRecord(topic=topic, key=key, value=value, headers=tuple(headers)),
-        failure=Failure(error_class="builtins.KeyError"),
-        attempts=2,
-        redrive_count=redrive_count,
-    )
-    encoded = encode_native(dead, spring_compatible=spring_compatible)
-    wire = list(encoded.headers)
-    for position, name, data in broken:  # a header changed, repeated or added, before or after the valid one
-        wire.insert(min(position, len(wire)), (name, data))
-    record = KafkaRecord(
-        topic="orders.dlq", partition=0, offset=0, timestamp=timestamp, key=key, value=value, headers=tuple(wire)
-    )
-
-    fast = _native_original(record)
-
-    # What the run does: the fast path where it can, decode where it cannot. A record decode refuses is refused.
-    assert redrive_record(fast or decode(record)) == redrive_record(decode(record))
-    if not broken:
-        assert fast is not None
-
-
-def test_the_fast_path_never_sends_a_record_decode_refuses():
-    for name, data in [
-        ("dlq.attempts", b"abc"),
-        ("dlq.original.offset", b"-5"),
-        ("dlq.reason", b"later"),
-        ("dlq.error.class", b"\xff"),
-        ("dlq.last.failure", b"99999999999999999"),
-    ]:
-        record = in_dlq(dead_letter("orders", 1))
-        record = KafkaRecord(
-            topic=record.topic, partition=0, offset=0, value=record.value, headers=(*record.headers, (name, data))
-        )
-        assert isinstance(decode(record), Undecodable), name
-        assert _native_original(record) is None, name
 
 
 def test_the_loop_guard_and_undecodable_records_are_refusals_with_a_reason():

@@ -46,17 +46,15 @@ from typing import Any, Literal
 
 from kafka_dlq.errors import ConfigError, KafkaClientError, KafkaDLQError, TopicNotFoundError
 from kafka_dlq.filters import RecordFilter
-from kafka_dlq.formats import MAX_ATTEMPTS, Undecodable, decode, encode_native, native
-from kafka_dlq.formats._common import INT32_MAX, INT64_MAX, MAX_EPOCH_MS
-from kafka_dlq.formats.native import ATTEMPTS, FIRST_FAILURE, REDRIVE_COUNT, TOPIC
-from kafka_dlq.formats.spring import DLT_PREFIX
+from kafka_dlq.formats import Undecodable, decode, encode_native
+from kafka_dlq.formats.native import ATTEMPTS, FIRST_FAILURE, REDRIVE_COUNT
 from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, CommitMode, Headers, KafkaRecord, TransactionalProducer
 from kafka_dlq.kafka import next_offsets as _next_offsets
 from kafka_dlq.kafka.inspect import committed_offsets
 from kafka_dlq.kafka.positions import positions
 from kafka_dlq.kafka.reader import TopicReader
 from kafka_dlq.outcomes import Reason
-from kafka_dlq.records import DeadLetter, OriginalRecord
+from kafka_dlq.records import DeadLetter
 
 __all__ = [
     "DEFAULT_MAX_REDRIVES",
@@ -159,70 +157,6 @@ def redrive_record(
         headers += ((FIRST_FAILURE, str(decoded.first_failure).encode()),)
     headers += ((REDRIVE_COUNT, str(decoded.redrive_count + 1).encode()),)
     return Outgoing(to or original.topic, original.key, original.value, headers)
-
-
-_NUMBERS = {
-    native.PARTITION: INT32_MAX,
-    native.OFFSET: INT64_MAX,
-    native.TIMESTAMP: MAX_EPOCH_MS,
-    ATTEMPTS: MAX_ATTEMPTS,
-    FIRST_FAILURE: MAX_EPOCH_MS,
-    native.LAST_FAILURE: MAX_EPOCH_MS,
-    REDRIVE_COUNT: MAX_ATTEMPTS,
-}
-"""The native headers ``decode`` reads as decimal numbers, and the highest value it accepts for each."""
-_TEXTS = (native.GROUP, native.ERROR_CLASS, native.ERROR_MESSAGE, native.ERROR_STACKTRACE)
-_REASONS = frozenset(reason.value.encode() for reason in Reason)
-
-
-def _native_original(record: KafkaRecord) -> DeadLetter | None:
-    """What a redrive needs of a native dead letter (original topic and headers, failure history, redrive count),
-    and only that; None unless ``decode`` would read the record as a dead letter too.
-
-    ``decode`` builds the whole dead letter; a redrive without criteria on the failure needs a few fields, in
-    half of the time (decoding was half of a redrive's work). Every native header ``decode`` checks is checked
-    here, at least as strictly (a number must be plain digits): None when one might not pass, for ``decode`` to
-    say what it is, so that a record ``decode`` refuses is never sent. The original headers are ``decode``'s:
-    ours dropped, and the Spring-compatible copy written after our topic header.
-    """
-    headers = record.headers
-    last = dict(headers)  # the last of a repeated header is the one read, as in decode
-    topic = last.get(TOPIC)
-    if not topic:
-        return None
-    try:
-        home = topic.decode()
-    except UnicodeDecodeError:
-        return None
-    numbers: dict[str, int] = {}
-    for name, high in _NUMBERS.items():
-        raw = last.get(name)
-        if raw is not None:
-            if not (raw.isdigit() and len(raw) <= 20) or int(raw) > high:
-                return None
-            numbers[name] = int(raw)
-    for name in _TEXTS:
-        raw = last.get(name)
-        if raw is not None and not raw.isascii():
-            try:
-                raw.decode()
-            except UnicodeDecodeError:
-                return None
-    reason = last.get(native.REASON)
-    if reason is not None and reason not in _REASONS:
-        return None
-    start = max(index for index, (name, _) in enumerate(headers) if name == TOPIC)
-    original = tuple(
-        (name, value)
-        for index, (name, value) in enumerate(headers)
-        if not name.startswith("dlq.") and not (index > start and name.startswith(DLT_PREFIX))
-    )
-    return DeadLetter(
-        original=OriginalRecord(topic=home, key=record.key, value=record.value, headers=original),
-        attempts=numbers.get(ATTEMPTS, 1),
-        first_failure=numbers.get(FIRST_FAILURE, record.timestamp),
-        redrive_count=numbers.get(REDRIVE_COUNT, 0),
-    )
 
 
 def park_record(record: KafkaRecord, decoded: DeadLetter | Undecodable, *, poison_topic: str) -> Outgoing:
@@ -617,8 +551,6 @@ class _Run:
         self.sample = sample
         self._metadata: Any = None
         self._started: float | None = None
-        # Without criteria on the failure, a redrive reads only the headers it needs of native dead letters.
-        self._light = report.action is Action.REDRIVE and not report.select.needs_failure
 
     def _consumer(self, group: str, mode: CommitMode, *, static: bool) -> AsyncConsumer:
         config = {
@@ -647,7 +579,7 @@ class _Run:
         if not select.in_range(record):
             tally.skipped += 1
             return None
-        decoded = (self._light and _native_original(record)) or decode(record)
+        decoded = decode(record)
         if not select.matches(record, decoded):
             tally.skipped += 1
             return None
