@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import linecache
 import logging
 import random
 import time
-import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -31,6 +33,8 @@ from kafka_dlq.outcomes import Outcome, ParkNow, Reason
 from kafka_dlq.policy import RetryPolicy, TopicPolicies
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure
 from kafka_dlq.schedule import Claimed, Entry, RedisSchedule
+from kafka_dlq.slices import Slices
+from kafka_dlq.tracebacks import format_traceback
 
 __all__ = ["DLQHandler", "KeyFormat", "Mode", "Processor"]
 
@@ -98,6 +102,34 @@ def _downstream_failed(exc: Exception, decision: Decision) -> bool:
     if isinstance(exc, ParkNow):
         return False
     return decision.outcome is Outcome.RETRY or decision.reason in (Reason.MAX_ATTEMPTS, Reason.MAX_AGE)
+
+
+_CLAIM_BATCH = 100
+"""Due entries claimed at most per claim."""
+_START_CHUNK = 16
+"""Attempts started per loop iteration."""
+_ROOM_WAIT = 0.5
+"""Seconds intake waits at most, per consumed batch, for room in flight to claim records as it schedules them."""
+_ROOM_CHUNK = 64
+"""Room intake waits for before it schedules (and claims) the next part of a batch."""
+
+
+@types.coroutine
+def _resume(call: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, None, Any]:
+    """Await ``call`` from where its first step stopped, that step having been run by hand and yielded
+    ``waiting`` (what the coroutine waits on): the rest is ``await call`` (``yield from``). A cancellation that
+    arrives while it waits on ``waiting`` goes into ``call``, as it would have."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as exc:
+            try:
+                waiting = call.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        break
+    return (yield from call)
 
 
 def _cap(text: str, limit: int) -> str:
@@ -190,10 +222,17 @@ class DLQHandler:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._active: set[asyncio.Task[None]] = set()
+        self._reserved = 0  # room in flight held by a claim on its way
+        self._starting: deque[Claimed] = deque()  # claims whose attempt tasks are not created yet
+        self._starter: asyncio.Handle | None = None
+        self._due_waiting = False  # the last claim took all it asked for: more retries may be due
+        self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._running = False
         self._executor: ThreadPoolExecutor | None = None
+        self._async_targets: dict[Processor, bool] = {}
+        self._warming: set[str] = set()  # source files being read into linecache, off the loop
         self.processor_calls = 0
         self.started = False
 
@@ -264,6 +303,9 @@ class DLQHandler:
         for task in self._tasks[:2]:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, max(0.1, deadline - asyncio.get_running_loop().time()) / 2)
+        if self._starter is not None:
+            self._starter.cancel()
+        self._start_some(everything=True)  # claims not started yet: their attempts hand them back at once
         if self._active:
             _, pending = await asyncio.wait(
                 self._active, timeout=max(0.1, (deadline - asyncio.get_running_loop().time()) / 2)
@@ -355,9 +397,9 @@ class DLQHandler:
         # Parks are started together once the batch is read (as callables, so that an error while reading the
         # batch leaves no coroutine that is never awaited).
         parks: list[tuple[int, str, Callable[[], Awaitable[None]]]] = []
+        slices = Slices()
         for index, record in enumerate(batch):
-            if index and index % 100 == 0:
-                await asyncio.sleep(0)  # decoding is CPU work: let the loop serve others between slices
+            await slices.pause()  # decoding is CPU work: let the loop serve others between slices
             if index in progress.done:
                 continue
             decoded = decode(record)
@@ -405,18 +447,44 @@ class DLQHandler:
         # Each record is done (and counted consumed) the moment its own outcome is durable, not once the whole
         # batch is: a slow park must not leave a record that already recovered uncounted.
         async def schedule_all() -> None:
-            if to_schedule:
-                await self.schedule.add([(entry, due) for _, _, entry, due in to_schedule])
-                for index, topic, _, _ in to_schedule:
+            # Records due now are claimed by the very script that schedules them, as room in flight allows, and run
+            # from memory: the same as a claim the instant after, without reading them back. Their bodies are in
+            # Redis first, under a lease, so a crash, a rebalance (the next owner finds them scheduled and leaves
+            # them) or a second instance changes nothing. While retries wait for room, those go first: the
+            # records are scheduled in due behind them.
+            waiting = to_schedule
+            deadline = asyncio.get_running_loop().time() + _ROOM_WAIT
+            while waiting:
+                room = 0
+                if self.first_delay <= 0 and not self._due_waiting:
+                    room = await self._wait_for_room(len(waiting), deadline)
+                chunk = waiting[:room] if room else waiting  # no room (in time): the rest waits in due
+                waiting = waiting[len(chunk) :]
+                self._reserved += room
+                try:
+                    _, claimed = await self.schedule.add_and_claim(
+                        [(entry, due) for _, _, entry, due in chunk], room, self.lease, slices=slices
+                    )
+                finally:
+                    self._unreserve(room)
+                consumed: dict[str, int] = {}
+                for index, topic, _, _ in chunk:
                     progress.done.add(index)
-                    self.metrics.count("consumed", topic)
-                self._wake.set()
+                    consumed[topic] = consumed.get(topic, 0) + 1
+                for topic, n in consumed.items():
+                    self.metrics.count("consumed", topic, n=n)
+                self._spawn(claimed)
+                if len(claimed) < len(chunk):
+                    self._wake.set()
 
         async def park(index: int, topic: str, parking: Callable[[], Awaitable[None]]) -> None:
             await parking()
             progress.done.add(index)
             self.metrics.count("consumed", topic)
 
+        if not parks:
+            await schedule_all()  # the common case, without a task for it
+            return
         results = await asyncio.gather(schedule_all(), *(park(*p) for p in parks), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -429,26 +497,77 @@ class DLQHandler:
 
     # ---------------------------------------------------------------- retries: schedule -> processor
 
-    async def _retry_loop(self) -> None:
+    def _room(self) -> int:
+        """Claims this instance may take now: ``max_in_flight`` less those running, starting and on their way."""
+        return self.max_in_flight - len(self._active) - len(self._starting) - self._reserved
+
+    def _unreserve(self, n: int) -> None:
+        """A claim on its way is through: its tasks hold their room now, and what it did not take is free again
+        (which whoever waits for room must hear: no attempt may end to tell them)."""
+        self._reserved -= n
+        if n:
+            self._slot_freed.set()
+
+    async def _wait_for_room(self, wanted: int, deadline: float) -> int:
+        """Room for up to ``wanted`` claims, waiting until ``deadline`` (loop time) at most for attempts to finish
+        and make room for ``_ROOM_CHUNK`` of them (or all, when fewer); 0 when there is none by then.
+
+        Waiting is the cheaper way when the loop is what limits the rate: a record scheduled for lack of room is
+        read back and decoded by a claim a moment later. It is bounded, so that slow processors do not keep
+        records out of the schedule (and from being committed) for long: after it, what does not fit is scheduled
+        in due as usual.
+        """
+        enough = min(wanted, _ROOM_CHUNK, self.max_in_flight)
         loop = asyncio.get_running_loop()
-        slot_freed = asyncio.Event()
+        while (room := self._room()) < enough and self._running:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), left)
+        return max(0, min(room, wanted))
+
+    def _spawn(self, claimed: Sequence[Claimed]) -> None:
+        """Start an attempt for each claim (their room is theirs from here on), ``_START_CHUNK`` per loop
+        iteration: the first steps of the attempts started together run together, in the next iteration."""
+        self._starting.extend(claimed)
+        if self._starting and self._starter is None:
+            self._starter = asyncio.get_running_loop().call_soon(self._start_some)
+
+    def _start_some(self, everything: bool = False) -> None:
+        self._starter = None
+        starting, active, loop = self._starting, self._active, asyncio.get_running_loop()
+        for _ in range(len(starting) if everything else min(_START_CHUNK, len(starting))):
+            task = loop.create_task(self._attempt(starting.popleft()))
+            active.add(task)
+            task.add_done_callback(self._attempt_done)
+        if starting:
+            self._starter = loop.call_soon(self._start_some)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        self._slot_freed.set()
+
+    async def _retry_loop(self) -> None:
         while self._running:
-            room = self.max_in_flight - len(self._active)
+            room = self._room()
             if room <= 0:
-                slot_freed.clear()
-                await slot_freed.wait()
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
                 continue
+            asked = min(room, _CLAIM_BATCH)
+            self._reserved += asked
             try:
-                claimed, next_due = await self.schedule.claim(min(room, 200), self.lease)
+                claimed, next_due = await self.schedule.claim(asked, self.lease)
             except KafkaDLQError as exc:
                 log.error("handler %s: claiming due retries failed (%s); trying again", self.name, exc)
                 await asyncio.sleep(1.0)
                 continue
-            for item in claimed:
-                task = loop.create_task(self._attempt(item))
-                self._active.add(task)
-                task.add_done_callback(self._active.discard)
-                task.add_done_callback(lambda _: slot_freed.set())
+            finally:
+                self._unreserve(asked)
+            self._due_waiting = len(claimed) >= asked
+            self._spawn(claimed)
             if not claimed:
                 wait = self.poll_interval
                 if next_due is not None:
@@ -468,7 +587,9 @@ class DLQHandler:
                 await self._finish_parked(claimed, Decision.park(Reason.NO_PROCESSOR, f"no processor for {topic!r}"))
                 return
             breaker = self.breaker(topic)
-            semaphore = self._semaphores.setdefault(topic, asyncio.Semaphore(self.concurrency))
+            semaphore = self._semaphores.get(topic)
+            if semaphore is None:
+                semaphore = self._semaphores[topic] = asyncio.Semaphore(self.concurrency)
             kept, slot = await self._acquire(semaphore, claimed)
             if kept is None:
                 self.metrics.lost_claims.labels(self.name).inc()
@@ -484,6 +605,7 @@ class DLQHandler:
                 await self.schedule.defer(claimed, _now_ms())
                 return
             deferred = False
+            failed: tuple[Entry, Decision] | None = None
             try:
                 # Asked once a slot is free, not before: a claim that queued for the slot while the circuit
                 # opened must not call the downstream.
@@ -495,23 +617,28 @@ class DLQHandler:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
-                        self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
+                        self.metrics.latency(topic).observe(time.perf_counter() - started)
                         decision, updated = self._judge(claimed.entry, exc)
                         if _downstream_failed(exc, decision):
                             breaker.failure(permit)
                         else:
                             breaker.abandon(permit)
                         permit = None
-                        self.metrics.circuit.labels(self.name, topic).set(breaker.state.gauge)
-                        await self._failed(claimed, updated, decision)
-                        return
-                    self.metrics.processor_latency.labels(self.name, topic).observe(time.perf_counter() - started)
-                    breaker.success(permit)
-                    permit = None
+                        self.metrics.circuit_of(topic).set(breaker.state.gauge)
+                        failed = updated, decision
+                    else:
+                        self.metrics.latency(topic).observe(time.perf_counter() - started)
+                        breaker.success(permit)
+                        permit = None
                 else:
                     deferred = True
             finally:
+                # The slot bounds calls to the downstream: it is free once the call is over, before the outcome
+                # is written (a retry rescheduled, a record parked), as after a call that worked.
                 semaphore.release()
+            if failed is not None:
+                await self._failed(claimed, *failed)
+                return
             if deferred:
                 await self.schedule.defer(claimed, _now_ms() + int(breaker.retry_in() * 1000))
                 self.metrics.count("deferred", topic)
@@ -562,14 +689,34 @@ class DLQHandler:
         return claimed, False
 
     async def _call(self, target: Processor, dead_letter: DeadLetter) -> None:
-        # asyncio.timeout, not wait_for: no extra task per call on the hot path.
-        async with asyncio.timeout(self.processor_timeout):
-            if inspect.iscoroutinefunction(target):
-                await target(dead_letter)
-            else:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, target, dead_letter)
+        loop = asyncio.get_running_loop()
+        if not self._is_async(target):
+            async with asyncio.timeout(self.processor_timeout):
+                result = await loop.run_in_executor(self._executor, target, dead_letter)
                 if inspect.isawaitable(result):
                     await result
+            return
+        deadline = loop.time() + self.processor_timeout
+        call = target(dead_letter)
+        assert isinstance(call, Coroutine)
+        # The first step runs here, in this attempt's own task: a processor that finishes without waiting on
+        # anything could not have been interrupted by a timeout, and needs no timer (one per call is a good part
+        # of a fast processor's cost). One that waits goes on under the timeout, counted from the call's start.
+        try:
+            waiting = call.send(None)
+        except StopIteration:
+            return
+        async with asyncio.timeout_at(deadline):
+            await _resume(call, waiting)
+
+    def _is_async(self, target: Processor) -> bool:
+        try:
+            known = self._async_targets.get(target)
+        except TypeError:  # an unhashable callable object (a dataclass with __call__, say)
+            return inspect.iscoroutinefunction(target)
+        if known is None:
+            known = self._async_targets[target] = inspect.iscoroutinefunction(target)
+        return known
 
     def _judge(self, entry: Entry, exc: Exception) -> tuple[Decision, Entry]:
         """What a failed call means for the entry: the decision, and the entry with this failure counted."""
@@ -578,7 +725,7 @@ class DLQHandler:
         failure = Failure(
             error_class=qualified_name(exc),
             message=_cap(str(exc), MAX_MESSAGE_BYTES),
-            stacktrace=_cap("".join(traceback.format_exception(exc)), MAX_STACKTRACE_BYTES),
+            stacktrace=_cap(format_traceback(exc, MAX_STACKTRACE_BYTES, self._warm_lines), MAX_STACKTRACE_BYTES),
         )
         policy = self.policies.for_topic(dead_letter.original.topic)
         attempts = dead_letter.attempts + 1
@@ -590,6 +737,17 @@ class DLQHandler:
             handler_failures=entry.handler_failures + 1,
         )
         return decision, updated
+
+    def _warm_lines(self, filename: str) -> None:
+        """Read a source file into ``linecache`` off the loop, for the stack traces of later failures."""
+        if filename in self._warming or self._executor is None:
+            return
+        try:
+            reading = self._executor.submit(linecache.getlines, filename)
+        except RuntimeError:  # shut down: the handler is stopping
+            return
+        self._warming.add(filename)
+        reading.add_done_callback(lambda _: self._warming.discard(filename))
 
     async def _failed(self, claimed: Claimed, updated: Entry, decision: Decision) -> None:
         topic = updated.dead_letter.original.topic
@@ -609,7 +767,7 @@ class DLQHandler:
         updated = replace(updated, last_delay=delay)
         if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=_now_ms() + int(delay * 1000)):
             self.metrics.count("retried", topic)
-            self.metrics.retry_delay.labels(self.name).observe(delay)
+            self.metrics.delay().observe(delay)
         else:
             self.metrics.lost_claims.labels(self.name).inc()
 

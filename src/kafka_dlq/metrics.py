@@ -70,15 +70,45 @@ class HandlerMetrics:
         self._totals = {"consumed": 0, "retried": 0, "recovered": 0, "parked": 0, "deferred": 0}
         self._parked_by_reason: dict[str, int] = {}
         self._pending = 0
+        # The labelled children, looked up once: labels() takes a lock and builds a tuple on every call, and the
+        # handler counts several times per record.
+        self._children: dict[tuple[str, str, str | None], Any] = {}
 
-    def count(self, what: str, topic: str, reason: Reason | str | None = None) -> None:
-        self._totals[what] += 1
-        if what == "parked":
-            key = str(reason or "unknown")
-            self._parked_by_reason[key] = self._parked_by_reason.get(key, 0) + 1
-            self.parked.labels(self.handler, topic, key).inc()
-        else:
-            getattr(self, what).labels(self.handler, topic).inc()
+    def count(self, what: str, topic: str, reason: Reason | str | None = None, n: int = 1) -> None:
+        """Count ``n`` records of ``topic`` that were ``what`` (consumed, retried, recovered, parked, deferred)."""
+        self._totals[what] += n
+        key = None if what != "parked" else str(reason or "unknown")
+        child = self._children.get((what, topic, key))
+        if child is None:
+            if key is None:
+                child = getattr(self, what).labels(self.handler, topic)
+            else:
+                child = self.parked.labels(self.handler, topic, key)
+            self._children[(what, topic, key)] = child
+        if key is not None:
+            self._parked_by_reason[key] = self._parked_by_reason.get(key, 0) + n
+        child.inc(n)
+
+    def latency(self, topic: str) -> Any:
+        """The processor latency histogram of ``topic`` (``.observe(seconds)``)."""
+        child = self._children.get(("latency", topic, None))
+        if child is None:
+            child = self._children[("latency", topic, None)] = self.processor_latency.labels(self.handler, topic)
+        return child
+
+    def delay(self) -> Any:
+        """The retry delay histogram (``.observe(seconds)``)."""
+        child = self._children.get(("delay", "", None))
+        if child is None:
+            child = self._children[("delay", "", None)] = self.retry_delay.labels(self.handler)
+        return child
+
+    def circuit_of(self, topic: str) -> Any:
+        """The circuit state gauge of ``topic`` (``.set(state)``)."""
+        child = self._children.get(("circuit", topic, None))
+        if child is None:
+            child = self._children[("circuit", topic, None)] = self.circuit.labels(self.handler, topic)
+        return child
 
     def set_pending(self, value: int) -> None:
         self._pending = value

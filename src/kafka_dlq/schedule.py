@@ -386,7 +386,7 @@ return count
 """
 
 
-_WAKE_CHUNK = 128
+_WAKE_CHUNK = 64
 """Finished claims whose waiting attempts are woken in one loop iteration."""
 _WAITAOF_TIMEOUT_MS = 5000
 _SOCKET_TIMEOUT = 2 * _WAITAOF_TIMEOUT_MS / 1000
@@ -599,7 +599,12 @@ class RedisSchedule:
         return added
 
     async def add_and_claim(
-        self, entries: Iterable[tuple[Entry, int]], limit: int, lease: float, now_ms: int | None = None
+        self,
+        entries: Iterable[tuple[Entry, int]],
+        limit: int,
+        lease: float,
+        now_ms: int | None = None,
+        slices: Slices | None = None,
     ) -> tuple[int, list[Claimed]]:
         """Schedule ``(entry, due_ms)`` pairs as :meth:`add` does, and claim at once, for ``lease`` seconds, the
         first ``limit`` of those added that are due by now: one atomic script, as if :meth:`claim` had taken them
@@ -607,13 +612,14 @@ class RedisSchedule:
         claims, which hold the entries given here.
 
         The bodies are written as for any entry, so a claim taken here ends as every claim does: finished, or its
-        lease expired and the entry back in due for any instance.
+        lease expired and the entry back in due for any instance. ``slices``: the caller's loop slice, which
+        encoding the bodies goes on using (a new one when None).
         """
         now = _now_ms() if now_ms is None else now_ms
         token = uuid.uuid4().hex
         given: list[Entry] = []
         args: list[Any] = []
-        slices = Slices()
+        slices = slices or Slices()
         for entry, due_ms in entries:
             await slices.pause()  # encoding hundreds of bodies is CPU work: in slices
             given.append(entry)

@@ -1,7 +1,7 @@
 """Cooperative time slices: long CPU work on the event loop lets the loop serve others every couple of milliseconds.
 
 The loop-lag aim is a p99 of 20 ms: one loop iteration runs every callback that was ready when it began, so the
-handler keeps each of its own under a few milliseconds, whatever the batch size.
+handler keeps each of its own to a millisecond or two, whatever the batch size.
 
 >>> slices = Slices()
 >>> for record in batch:                                       # doctest: +SKIP
@@ -16,7 +16,7 @@ import time
 
 __all__ = ["SLICE_SECONDS", "Slices"]
 
-SLICE_SECONDS = 0.002
+SLICE_SECONDS = 0.001
 """How long a piece of work runs before it lets the loop serve others."""
 
 
