@@ -187,3 +187,33 @@ async def test_a_claim_taken_by_a_schedule_write_comes_back_to_due_when_its_leas
         assert again[0].token != claimed[0].token
         assert not await schedule.finish(claimed[0], Outcome.RECOVERED)  # the dead claim's finish is refused
         assert await schedule.finish(again[0], Outcome.RECOVERED)
+
+
+async def test_a_retry_rescheduled_here_is_claimed_back_from_memory_only_while_its_body_is_that_finishs(
+    redis_url, unique_name
+):
+    async with RedisSchedule(redis_url, unique_name("reclaim")) as schedule:
+        now = now_ms()
+        await schedule.add([(entry(i), now - 1000) for i in range(3)])
+        first, _ = await schedule.claim(3, 30)
+        by_id = {c.entry.id: c for c in first}
+        updated = {i: entry(i, handler_failures=1) for i in range(3)}
+        for i in range(3):
+            due = now - 500 if i < 2 else now + HOUR_MS
+            assert await schedule.finish(by_id[entry(i).id], Outcome.RETRY, entry=updated[i], due_ms=due)
+        # Entry 1 is claimed and rescheduled by another instance meanwhile: its body is that instance's now.
+        taken, _ = await schedule.claim(1, 30)
+        other = taken[0]
+        assert other.entry.id in (entry(0).id, entry(1).id)
+        assert await schedule.finish(other, Outcome.RETRY, entry=other.entry, due_ms=now - 100)
+        held = [(updated[i], by_id[entry(i).id].token) for i in range(3)]
+
+        again = await schedule.reclaim(held, lease=30)
+
+        # Only the entry whose last finish is still this instance's and that is due: the given entry, no body read.
+        assert [c.entry for c in again] == [updated[i] for i in range(2) if entry(i).id != other.entry.id]
+        assert await schedule.pending() == {"due": 2, "inflight": 1, "total": 3}
+        assert await schedule.finish(again[0], Outcome.RECOVERED)
+        # What it left is claimed the usual way, with its body.
+        rest, _ = await schedule.claim(10, 30)
+        assert [c.entry.id for c in rest] == [other.entry.id]

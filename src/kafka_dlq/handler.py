@@ -110,6 +110,8 @@ _START_CHUNK = 16
 """Attempts started per loop iteration."""
 _ROOM_WAIT = 0.5
 """Seconds intake waits at most, per consumed batch, for room in flight to claim records as it schedules them."""
+_HOLD_MS = 5000
+"""Retries due within this many milliseconds of their reschedule are kept in memory to be claimed back."""
 _ROOM_CHUNK = 64
 """Room intake waits for before it schedules (and claims) the next part of a batch."""
 
@@ -225,7 +227,6 @@ class DLQHandler:
         self._reserved = 0  # room in flight held by a claim on its way
         self._starting: deque[Claimed] = deque()  # claims whose attempt tasks are not created yet
         self._starter: asyncio.Handle | None = None
-        self._due_waiting = False  # the last claim took all it asked for: more retries may be due
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -233,6 +234,7 @@ class DLQHandler:
         self._executor: ThreadPoolExecutor | None = None
         self._async_targets: dict[Processor, bool] = {}
         self._warming: set[str] = set()  # source files being read into linecache, off the loop
+        self._held: dict[str, tuple[Entry, str, int]] = {}  # rescheduled here: entry, its finish's token, due
         self.processor_calls = 0
         self.started = False
 
@@ -450,13 +452,13 @@ class DLQHandler:
             # Records due now are claimed by the very script that schedules them, as room in flight allows, and run
             # from memory: the same as a claim the instant after, without reading them back. Their bodies are in
             # Redis first, under a lease, so a crash, a rebalance (the next owner finds them scheduled and leaves
-            # them) or a second instance changes nothing. While retries wait for room, those go first: the
-            # records are scheduled in due behind them.
+            # them) or a second instance changes nothing. Due retries are not starved: the retry loop takes any
+            # room that frees, intake waits for room for a part of its batch (_ROOM_CHUNK).
             waiting = to_schedule
             deadline = asyncio.get_running_loop().time() + _ROOM_WAIT
             while waiting:
                 room = 0
-                if self.first_delay <= 0 and not self._due_waiting:
+                if self.first_delay <= 0:
                     room = await self._wait_for_room(len(waiting), deadline)
                 chunk = waiting[:room] if room else waiting  # no room (in time): the rest waits in due
                 waiting = waiting[len(chunk) :]
@@ -549,6 +551,22 @@ class DLQHandler:
         self._active.discard(task)
         self._slot_freed.set()
 
+    def _hold(self, claimed: Claimed, entry: Entry, due_ms: int) -> None:
+        """Keep an entry this instance just rescheduled (by ``claimed``'s finish), to claim it back from memory."""
+        if due_ms - _now_ms() <= _HOLD_MS and len(self._held) < 2 * self.max_in_flight:
+            self._held[entry.id] = (entry, claimed.token, due_ms)
+
+    async def _reclaim_held(self, limit: int) -> list[Claimed]:
+        if not self._held or limit <= 0:
+            return []
+        now = _now_ms()
+        due = [held for held in self._held.values() if held[2] <= now][:limit]
+        if not due:
+            return []
+        for entry, _, _ in due:
+            del self._held[entry.id]
+        return await self.schedule.reclaim([(entry, token) for entry, token, _ in due], self.lease, now)
+
     async def _retry_loop(self) -> None:
         while self._running:
             room = self._room()
@@ -559,16 +577,24 @@ class DLQHandler:
             asked = min(room, _CLAIM_BATCH)
             self._reserved += asked
             try:
-                claimed, next_due = await self.schedule.claim(asked, self.lease)
+                # Retries this instance rescheduled itself come back from memory when due (their bodies are
+                # what it wrote: no need to read and decode them); the regular claim takes the rest.
+                reclaimed = await self._reclaim_held(asked)
+                if reclaimed:
+                    self._unreserve(len(reclaimed))
+                    asked -= len(reclaimed)
+                    self._spawn(reclaimed)
+                claimed, next_due = await self.schedule.claim(asked, self.lease) if asked else ([], None)
             except KafkaDLQError as exc:
                 log.error("handler %s: claiming due retries failed (%s); trying again", self.name, exc)
                 await asyncio.sleep(1.0)
                 continue
             finally:
                 self._unreserve(asked)
-            self._due_waiting = len(claimed) >= asked
+            for item in claimed:
+                self._held.pop(item.entry.id, None)
             self._spawn(claimed)
-            if not claimed:
+            if not claimed and not reclaimed:
                 wait = self.poll_interval
                 if next_due is not None:
                     wait = min(wait, max(0.0, (next_due - _now_ms()) / 1000))
@@ -765,7 +791,9 @@ class DLQHandler:
             policy = self.policies.for_topic(topic)
             delay = policy.next_delay(updated.handler_failures, rng=self._rng, previous_delay=claimed.entry.last_delay)
         updated = replace(updated, last_delay=delay)
-        if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=_now_ms() + int(delay * 1000)):
+        due_ms = _now_ms() + int(delay * 1000)
+        if await self.schedule.finish(claimed, Outcome.RETRY, entry=updated, due_ms=due_ms):
+            self._hold(claimed, updated, due_ms)
             self.metrics.count("retried", topic)
             self.metrics.delay().observe(delay)
         else:

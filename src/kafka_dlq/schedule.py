@@ -307,6 +307,28 @@ table.insert(out, 1, next_due)
 return out
 """
 
+# KEYS: due, inflight, body, claims, finished.  ARGV: now_ms, lease_deadline_ms, token, then pairs (id,
+# finish_token). Claims each entry that is due and whose last finish was made by finish_token (so its body is the
+# one that finish wrote); returns one 1/0 per pair.
+_RECLAIM = """
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local due = redis.call('ZSCORE', KEYS[1], id)
+  if due and tonumber(due) <= now and redis.call('HGET', KEYS[5], id) == ARGV[i + 1]
+      and redis.call('HEXISTS', KEYS[3], id) == 1 then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    redis.call('HSET', KEYS[4], id, ARGV[3])
+    table.insert(out, 1)
+  else
+    table.insert(out, 0)
+  end
+end
+return out
+"""
+
 # KEYS: inflight, claims.  ARGV: id, token, new lease deadline (epoch ms). 1: renewed; 0: the claim is not ours.
 _RENEW = """
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -386,6 +408,8 @@ return count
 """
 
 
+_FINISH_BATCH = 256
+"""Finishes sent in one script call at most: packing the call and reading its reply are each one loop step."""
 _WAKE_CHUNK = 64
 """Finished claims whose waiting attempts are woken in one loop iteration."""
 _WAITAOF_TIMEOUT_MS = 5000
@@ -512,6 +536,7 @@ class RedisSchedule:
         scripts = (
             ("schedule", _SCHEDULE),
             ("claim", _CLAIM),
+            ("reclaim", _RECLAIM),
             ("renew", _RENEW),
             ("finish", _FINISH),
             ("count_repeat", _COUNT_REPEAT),
@@ -652,6 +677,25 @@ class RedisSchedule:
             claimed.append(Claimed(decode_entry(reply[i + 1]), token, now))
         return claimed, (None if next_due < 0 else next_due)
 
+    async def reclaim(
+        self, held: Sequence[tuple[Entry, str]], lease: float, now_ms: int | None = None
+    ) -> list[Claimed]:
+        """Claim again, for ``lease`` seconds, entries this instance rescheduled itself, from the entries it kept:
+        ``(entry, token)``, the entry as its finish wrote it and the token of the claim that made that finish.
+
+        An entry is claimed only when it is due and its last finish is still that one, so that its body in Redis
+        is the entry given (another instance that claimed and rescheduled it since, or an operator who parked or
+        dropped it, leaves it out); the others are for :meth:`claim`. No body is read back.
+        """
+        now = _now_ms() if now_ms is None else now_ms
+        token = uuid.uuid4().hex
+        k = self.keys
+        args: list[Any] = [now, now + int(lease * 1000), token]
+        for entry, finished_by in held:
+            args += [entry.id, finished_by]
+        flags = await self._run("reclaim", [k["due"], k["inflight"], k["body"], k["claims"], k["finished"]], args)
+        return [Claimed(entry, token, now) for (entry, _), flag in zip(held, flags, strict=True) if int(flag)]
+
     async def renew(self, claimed: Claimed, lease: float, now_ms: int | None = None) -> Claimed | None:
         """Extend a claim's lease to ``lease`` seconds from now; None when the claim is no longer ours (its lease
         expired and another claim took the entry), and then nothing changes."""
@@ -695,7 +739,7 @@ class RedisSchedule:
             *(k[part] for part in ("history:recovered", "history:parked", "finished")),
         ]
         while self._finishing:
-            batch, self._finishing = self._finishing[:1000], self._finishing[1000:]
+            batch, self._finishing = self._finishing[:_FINISH_BATCH], self._finishing[_FINISH_BATCH:]
             args: list[Any] = [_now_ms(), self.history_max, self.history_ttl, self.done_keep_ms, len(batch)]
             args += [arg for arg, _ in batch]
             try:
