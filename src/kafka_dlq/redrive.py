@@ -37,7 +37,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -736,7 +736,7 @@ class _Run:
         async with producer, self._consumer(report.group, CommitMode.TRACKED, static=True) as consumer:
             reader = _GroupReader(consumer, report.topic, *span, READ_BATCH)
             base = reader.handled
-            pending: list[asyncio.Future[Any]] = []
+            pending: deque[asyncio.Future[Any]] = deque()
             while not reader.finished:
                 records = await reader.read()
                 if records:
@@ -756,6 +756,10 @@ class _Run:
                     delivered = asyncio.gather(*sent)
                     delivered.add_done_callback(functools.partial(_mark_done, consumer, records))
                     pending.append(delivered)
+                    # Batches delivered are let go of as the run goes (a failed one raises here): kept to the end,
+                    # every record's future stays alive, and the garbage collector walks them all, again and again.
+                    while pending and pending[0].done():
+                        pending.popleft().result()
                     self.progress(reader.handled - base, report.total)
             await asyncio.gather(*pending)
             await consumer.commit()
