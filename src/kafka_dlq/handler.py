@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from kafka_dlq.breaker import BreakerSettings, CircuitBreaker, Permit
 from kafka_dlq.classify import Classifier, Decision, qualified_name
@@ -724,7 +724,10 @@ class DLQHandler:
             return
         deadline = loop.time() + self.processor_timeout
         call = target(dead_letter)
-        assert isinstance(call, Coroutine)
+        if type(call) is not types.CoroutineType:  # an awaitable of another kind: awaited as it is
+            async with asyncio.timeout_at(deadline):
+                await cast(Awaitable[None], call)
+            return
         # The first step runs here, in this attempt's own task: a processor that finishes without waiting on
         # anything could not have been interrupted by a timeout, and needs no timer (one per call is a good part
         # of a fast processor's cost). One that waits goes on under the timeout, counted from the call's start.
