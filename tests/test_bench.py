@@ -87,3 +87,15 @@ def test_bench_handler_json_has_the_documented_fields(kafka_bootstrap, redis_url
     assert 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
     assert set(report["cases"]) == cases
     assert _bench_topics(kafka_bootstrap) == []
+
+
+def test_the_bare_loops_run_with_the_client_layers_own_defaults():
+    # bench client spells the layer's producer defaults (and its fetch back-off) out for the bare loop: a default
+    # changed in the layer and not there would measure the two sides with different settings.
+    from kafka_dlq.bench.client import Settings
+    from kafka_dlq.kafka import consumer, producer
+
+    settings = Settings({"bootstrap.servers": "127.0.0.1:1"})
+    assert producer._DEFAULTS.items() <= settings.producer().items()
+    backoff = "fetch.queue.backoff.ms"
+    assert settings.consumer("x")[backoff] == consumer._DEFAULTS[backoff]

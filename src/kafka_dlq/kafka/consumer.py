@@ -347,9 +347,6 @@ class AsyncConsumer:
 
     def _on_batch(self, messages: list[Message]) -> None:
         """A batch from the thread: queued, then taken in slices of ``_SLICE`` records, one slice per loop turn."""
-        if not _SLICE:
-            self._take_messages(messages)
-            return
         self._incoming.append(messages)
         if not self._taking:
             self._taking = True
