@@ -449,7 +449,8 @@ def connect_redis(
     command sent twice would count twice.
 
     The library version is given, not looked up: redis-py otherwise reads package metadata from disk for every new
-    connection, which is file I/O on the event loop.
+    connection, which is file I/O on the event loop. The protocol is RESP2, named: redis-py 8.2 negotiates RESP3
+    when none is given, whose replies have other types (every reply this module reads is written for RESP2).
     """
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
     retry = None
@@ -463,7 +464,7 @@ def connect_redis(
     # A bounded pool that waits for a free connection: hundreds of concurrent retries share a few connections
     # instead of opening one each (and meeting the pool's "Too many connections").
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=30, driver_info=info, retry=retry, **timeout
+        url, max_connections=max_connections, timeout=30, driver_info=info, retry=retry, protocol=2, **timeout
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
