@@ -803,6 +803,30 @@ async def test_a_claim_queued_for_a_slot_takes_it_even_when_each_renewal_outlast
     assert calls == Counter({f"s{i}".encode(): 1 for i in range(3)})
 
 
+async def test_a_claim_with_too_little_lease_left_renews_before_it_takes_a_free_slot(
+    kafka_bootstrap, redis_url, unique_name, dlq
+):
+    # A claim taken at intake can wait for its turn (and for the write that took it to be durable) with a slot free
+    # all along: if less than a call's time is left of its lease, it renews first, or the lease could end mid-call
+    # and another instance run the record at the same time.
+    topic = await asyncio.to_thread(dlq)
+    handler = _handler(kafka_bootstrap, redis_url, unique_name, [topic], processor_timeout=2.0, lease=3.0)
+    async with handler:
+        entry = Entry(
+            dead_letter=DeadLetter(
+                original=OriginalRecord(topic="orders", key=b"k", value=b"v"),
+                dlq=DlqCoordinates(topic=topic, partition=0, offset=99),
+            )
+        )
+        taken_at = int(time.time() * 1000) - 2500  # half a second of the 3 s lease left
+        _, (claimed,) = await handler.schedule.add_and_claim([(entry, taken_at)], 1, lease=3.0, now_ms=taken_at)
+        kept, holding = await handler._acquire(asyncio.Semaphore(1), claimed)
+        deadline = await handler.schedule.client.zscore(handler.schedule.keys["inflight"], entry.id)
+    assert holding and kept is not None
+    assert kept.claimed_at_ms > claimed.claimed_at_ms
+    assert deadline is not None and deadline >= time.time() * 1000 + 2000  # a call's time and more ahead
+
+
 def test_a_lease_must_outlast_the_processor_timeout_by_a_second():
     with pytest.raises(ConfigError, match="at least 1 s longer than processor_timeout"):
         DLQHandler(

@@ -158,6 +158,26 @@ async def test_a_schedule_write_claims_at_once_up_to_its_limit_only_entries_due_
         assert await schedule.pending() == {"due": 2, "inflight": 1, "total": 3}
 
 
+async def test_a_schedule_write_sent_again_hands_over_the_claims_its_first_run_took(redis_url, unique_name):
+    # redis-py sends a script again after its connection dropped; the first run may have claimed entries, and the
+    # second must still hand them over, or they would sit in flight, unused, for a whole lease.
+    async with RedisSchedule(redis_url, unique_name("resend")) as schedule:
+        now = now_ms()
+        k = schedule.keys
+        keys = [k["due"], k["inflight"], k["body"], k["claims"], k["done"]]
+        bodies = [b"%d %s\n%s" % (now - 1, entry(i).id.encode(), encode_entry(entry(i))) for i in range(2)]
+        args = [2, 1, now, now + 30_000, "the-calls-token", *bodies]
+
+        first = await schedule._write("schedule", keys, args)
+        again = await schedule._write("schedule", keys, args)
+        someone_else = await schedule._write("schedule", keys, [*args[:4], "another-token", *bodies])
+
+        assert [int(flag) for flag in first] == [2, 1]
+        assert [int(flag) for flag in again] == [2, 0]
+        assert [int(flag) for flag in someone_else] == [0, 0]
+        assert await schedule.pending() == {"due": 1, "inflight": 1, "total": 2}
+
+
 async def test_a_schedule_write_leaves_alone_and_claims_nothing_of_what_is_scheduled_or_finished(
     redis_url, unique_name
 ):

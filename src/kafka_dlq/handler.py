@@ -700,10 +700,21 @@ class DLQHandler:
         # due), the slot is tried between them, and waited for a little: never renewals alone, for ever.
         least = min(_MIN_SLOT_WAIT, (self.lease - self.processor_timeout) / 4)
         for _ in range(_MAX_RENEWALS + 1):
+            left_ms = claimed.claimed_at_ms + lease_ms - _now_ms()
             if not semaphore.locked():
-                await semaphore.acquire()
+                if left_ms < keep_ms:
+                    # A free slot, but too little lease for a whole call (the claim waited for its turn, or for
+                    # the write that took it to be durable): renew first, or the lease could end mid-call and
+                    # another instance run the record at the same time.
+                    renewed = await self.schedule.renew(claimed, self.lease)
+                    if renewed is None:
+                        return None, False
+                    claimed = renewed
+                    if semaphore.locked():  # taken during the renewal: wait for it as below, renewing as needed
+                        continue
+                await semaphore.acquire()  # free: taken at once, without a wait
                 return claimed, True
-            wait = max(least, (claimed.claimed_at_ms + lease_ms - keep_ms - _now_ms()) / 1000)
+            wait = max(least, (left_ms - keep_ms) / 1000)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await semaphore.acquire()

@@ -246,7 +246,8 @@ end
 # KEYS: due, inflight, body, claims, done.  ARGV: n, claim_limit, now_ms, lease_deadline_ms, token, then n entries
 # ("due_ms id\nbody"). Returns one flag per entry: 0 left alone (scheduled already, or recently finished), 1 added
 # to due, 2 added and claimed at once (in flight under ``token`` until the deadline, as the claim script leaves it):
-# the first ``claim_limit`` new entries due by ``now_ms`` are claimed, the others wait in due.
+# the first ``claim_limit`` new entries due by ``now_ms`` are claimed, the others wait in due. Sent again after a
+# dropped connection, the script answers 2 again for what its first run claimed (the token is the call's own).
 _SCHEDULE = (
     _ENTRY_HEAD
     + """
@@ -267,6 +268,8 @@ for i = 1, n do
       redis.call('ZADD', KEYS[1], due, id)
       out[i] = 1
     end
+  elseif redis.call('HGET', KEYS[4], id) == ARGV[5] then
+    out[i] = 2  -- claimed by this very call, sent before (its reply lost): the claim is the caller's
   else
     out[i] = 0
   end
@@ -641,7 +644,6 @@ class RedisSchedule:
         lease expired and the entry back in due for any instance. ``slices``: the caller's loop slice, which
         encoding the bodies goes on using (a new one when None).
         """
-        now = _now_ms() if now_ms is None else now_ms
         token = uuid.uuid4().hex
         given: list[Entry] = []
         args: list[Any] = []
@@ -652,6 +654,8 @@ class RedisSchedule:
             args.append(b"%d %s\n%s" % (due_ms, entry.id.encode(), encode_entry(entry)))
         if not given:
             return 0, []
+        # Read after the encoding, which yields to the loop: the lease runs from the script, not from before it.
+        now = _now_ms() if now_ms is None else now_ms
         k = self.keys
         flags = await self._write(
             "schedule",
