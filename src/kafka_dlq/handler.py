@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import linecache
 import logging
 import random
 import time
@@ -34,7 +33,7 @@ from kafka_dlq.policy import RetryPolicy, TopicPolicies
 from kafka_dlq.records import DeadLetter, DlqCoordinates, Failure
 from kafka_dlq.schedule import Claimed, Entry, RedisSchedule
 from kafka_dlq.slices import Slices
-from kafka_dlq.tracebacks import format_traceback
+from kafka_dlq.tracebacks import SourceReader, format_traceback
 
 __all__ = ["DLQHandler", "KeyFormat", "Mode", "Processor"]
 
@@ -233,7 +232,7 @@ class DLQHandler:
         self._running = False
         self._executor: ThreadPoolExecutor | None = None
         self._async_targets: dict[Processor, bool] = {}
-        self._warming: set[str] = set()  # source files being read into linecache, off the loop
+        self._sources = SourceReader()  # source files read into linecache off the loop, for stack traces
         self._held: dict[str, tuple[Entry, str, int]] = {}  # rescheduled here: entry, its finish's token, due
         self.processor_calls = 0
         self.started = False
@@ -765,7 +764,7 @@ class DLQHandler:
         failure = Failure(
             error_class=qualified_name(exc),
             message=_cap(str(exc), MAX_MESSAGE_BYTES),
-            stacktrace=_cap(format_traceback(exc, MAX_STACKTRACE_BYTES, self._warm_lines), MAX_STACKTRACE_BYTES),
+            stacktrace=_cap(format_traceback(exc, MAX_STACKTRACE_BYTES, self._sources), MAX_STACKTRACE_BYTES),
         )
         policy = self.policies.for_topic(dead_letter.original.topic)
         attempts = dead_letter.attempts + 1
@@ -777,17 +776,6 @@ class DLQHandler:
             handler_failures=entry.handler_failures + 1,
         )
         return decision, updated
-
-    def _warm_lines(self, filename: str) -> None:
-        """Read a source file into ``linecache`` off the loop, for the stack traces of later failures."""
-        if filename in self._warming or self._executor is None:
-            return
-        try:
-            reading = self._executor.submit(linecache.getlines, filename)
-        except RuntimeError:  # shut down: the handler is stopping
-            return
-        self._warming.add(filename)
-        reading.add_done_callback(lambda _: self._warming.discard(filename))
 
     async def _failed(self, claimed: Claimed, updated: Entry, decision: Decision) -> None:
         topic = updated.dead_letter.original.topic

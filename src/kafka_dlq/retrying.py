@@ -52,7 +52,6 @@ import contextvars
 import dataclasses
 import inspect
 import itertools
-import linecache
 import logging
 import math
 import random
@@ -76,7 +75,7 @@ from kafka_dlq.kafka.record import Headers
 from kafka_dlq.outcomes import Reason
 from kafka_dlq.policy import Jitter, RetryPolicy
 from kafka_dlq.records import DeadLetter, Failure, OriginalRecord
-from kafka_dlq.tracebacks import format_traceback
+from kafka_dlq.tracebacks import SourceReader, format_traceback
 
 __all__ = [
     "MAX_IN_PLACE_ATTEMPTS",
@@ -355,7 +354,7 @@ class RetryEngine:
         # A stopped key, with the partitions whose records of it stopped it: it stays stopped until they are revoked.
         self._stopped_keys: dict[tuple[str, bytes], set[int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._warming: set[str] = set()  # source files being read into linecache, off the loop
+        self._sources = SourceReader()  # source files read into linecache off the loop, for stack traces
         self.counters = _Counters()
 
     def dlq_topic_for(self, topic: str) -> str:
@@ -439,14 +438,6 @@ class RetryEngine:
             cleanup()
 
         task.add_done_callback(finished)
-
-    def _warm_lines(self, filename: str) -> None:
-        """Read a source file into ``linecache`` off the loop, for the stack traces of later dead letters."""
-        if filename in self._warming:
-            return
-        self._warming.add(filename)
-        reading = asyncio.get_running_loop().run_in_executor(None, linecache.getlines, filename)
-        reading.add_done_callback(lambda _: self._warming.discard(filename))
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         """A record's task is over (even cancelled before it started): its slot is free."""
@@ -701,7 +692,7 @@ class RetryEngine:
                 message=_cap(_message(error), MAX_MESSAGE_BYTES),
                 # Not traceback.format_exception: it stats every source file (I/O on the loop) and parses source
                 # lines with ast for its carets, a tenth of a millisecond or more per dead letter.
-                stacktrace=_cap(format_traceback(error, MAX_STACKTRACE_BYTES, self._warm_lines), MAX_STACKTRACE_BYTES),
+                stacktrace=_cap(format_traceback(error, MAX_STACKTRACE_BYTES, self._sources), MAX_STACKTRACE_BYTES),
             ),
             attempts=attempts,
             first_failure=first_failure,

@@ -16,11 +16,12 @@ KeyError: 'missing'
 
 from __future__ import annotations
 
+import asyncio
 import linecache
 import traceback
 from collections.abc import Callable
 
-__all__ = ["format_traceback"]
+__all__ = ["SourceReader", "format_traceback"]
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
 _CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
@@ -94,3 +95,21 @@ def _last_line(error: BaseException) -> str:
     except Exception:
         text = "<exception str() failed>"
     return f"{name}: {text}\n" if text else f"{name}\n"
+
+
+class SourceReader:
+    """A ``warm`` for :func:`format_traceback`, called on the loop: reads a source file into ``linecache`` in the
+    loop's default executor, each file once at a time, so that the stack traces of later failures show its lines."""
+
+    def __init__(self) -> None:
+        self._reading: set[str] = set()
+
+    def __call__(self, filename: str) -> None:
+        if filename in self._reading:
+            return
+        try:
+            reading = asyncio.get_running_loop().run_in_executor(None, linecache.getlines, filename)
+        except RuntimeError:  # the loop is closing: this failure's trace goes without those lines, no more
+            return
+        self._reading.add(filename)
+        reading.add_done_callback(lambda _: self._reading.discard(filename))
