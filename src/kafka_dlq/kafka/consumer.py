@@ -131,6 +131,10 @@ class AsyncConsumer:
         self._loop_thread: int | None = None
         self._buffer: deque[KafkaRecord] = deque()
         self._incoming: deque[list[Message]] = deque()  # batches handed over, not yet built into records
+        # Batches the thread has put down for the loop, and whether the loop has been woken to pick them up: the
+        # thread wakes it once, not once per batch, while it is busy (see _hand_over).
+        self._handover: deque[list[Message]] = deque()
+        self._wake_pending = False
         self._incoming_at = 0  # how far into the first incoming batch the records are built
         self._taking = False  # a slice of the incoming batches is scheduled
         self._arrived = asyncio.Event()
@@ -259,7 +263,7 @@ class AsyncConsumer:
         return out
 
     async def __aiter__(self) -> AsyncIterator[KafkaRecord]:
-        while self.state is ClientState.RUNNING or self._buffer or self._incoming:
+        while self.state is ClientState.RUNNING or self._buffer or self._incoming or self._handover:
             for record in await self.getmany():
                 yield record
 
@@ -345,15 +349,22 @@ class AsyncConsumer:
 
     # ---------------------------------------------------------------- loop-side callbacks from the thread
 
-    def _on_batch(self, messages: list[Message]) -> None:
-        """A batch from the thread: queued, then taken in slices of ``_SLICE`` records, one slice per loop turn."""
-        self._incoming.append(messages)
-        if not self._taking:
+    def _on_batches(self) -> None:
+        """Batches from the thread: queued, then taken in slices of ``_SLICE`` records, one slice per loop turn."""
+        self._wake_pending = False  # first: a batch put down from now on wakes the loop again
+        self._pick_up()
+        if self._incoming and not self._taking:
             self._taking = True
             self._take_slice()
 
+    def _pick_up(self) -> None:
+        handover, incoming = self._handover, self._incoming
+        while handover:
+            incoming.append(handover.popleft())
+
     def _take_slice(self) -> None:
         """Build the records of the next ``_SLICE`` messages; the rest wait for the next turn of the loop."""
+        self._pick_up()
         if self._incoming:
             self._take(_SLICE)
         if self._incoming:
@@ -363,6 +374,7 @@ class AsyncConsumer:
 
     def _take_all(self) -> None:
         """Build every record handed over so far (before the assignment changes: they belong to the old one)."""
+        self._pick_up()
         while self._incoming:
             self._take(len(self._incoming[0]))
 
@@ -520,13 +532,26 @@ class AsyncConsumer:
             messages = consumer.consume(min(self._batch_size, _CONSUME_AT_MOST), self._poll_timeout)
         if messages:
             self._handed += len(messages)
-            assert self._thread is not None
-            self._thread.call_on_loop(self._on_batch, messages)
+            self._hand_over(messages)
         if self._moves != self._seen_moves:
             self._seen_moves = self._moves
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
             self._commit_async(consumer)
+
+    def _hand_over(self, messages: list[Message]) -> None:
+        # Put the batch down, and wake the loop only if no wake-up is on its way: while the loop is busy, the
+        # batches that follow ride on the one already queued. A wake-up writes to the loop's self-pipe, and that
+        # write lets go of the GIL: this thread would then wait to take it back (up to the 5 ms switch interval)
+        # while the loop runs, and every GIL release on the loop (one per delivery report in the producer's
+        # poll) would wake it in vain. One GIL take per batch instead of two. The loop clears the flag before it
+        # picks up, so a batch put down after its pick-up always wakes it again; and call_soon_threadsafe keeps
+        # the order, so a rebalance handed over later still finds its batches picked up first.
+        self._handover.append(messages)
+        if not self._wake_pending:
+            self._wake_pending = True
+            assert self._thread is not None
+            self._thread.call_on_loop(self._on_batches)
 
     def _message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
