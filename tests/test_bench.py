@@ -99,3 +99,30 @@ def test_the_bare_loops_run_with_the_client_layers_own_defaults():
     assert producer._DEFAULTS.items() <= settings.producer().items()
     backoff = "fetch.queue.backoff.ms"
     assert settings.consumer("x")[backoff] == consumer._DEFAULTS[backoff]
+
+
+def test_a_bare_loops_last_commit_accepts_that_the_periodic_one_took_everything(kafka_bootstrap, topic):
+    # A copy that ends just after its periodic (asynchronous) commit has nothing left to commit: librdkafka says
+    # "no offset stored", which must not fail the benchmark's baseline.
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    from kafka_dlq.bench.client import Settings, _commit_last
+
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic, b"v")
+    assert producer.flush(30) == 0
+    consumer = Consumer(Settings({"bootstrap.servers": kafka_bootstrap}).consumer("last-commit"))
+    try:
+        consumer.subscribe([topic])
+        got = []
+        for _ in range(60):
+            got += consumer.consume(10, 0.5)
+            if got:
+                break
+        assert [m.value() for m in got] == [b"v"]
+        consumer.commit(asynchronous=False)
+        with pytest.raises(KafkaException, match="No offset stored"):
+            consumer.commit(asynchronous=False)  # what librdkafka says, and what the bare loop used to fail on
+        _commit_last(consumer)
+    finally:
+        consumer.close()
