@@ -20,6 +20,7 @@ from kafka_dlq.errors import (
     TopicNotFoundError,
 )
 from kafka_dlq.kafka import AsyncConsumer, AsyncProducer, CommitMode, KafkaRecord, TransactionalProducer, next_offsets
+from kafka_dlq.kafka._thread import ClientThread
 from kafka_dlq.loop_lag import LoopLagProbe
 from kafka_dlq.testing import KafkaServer
 from tests.conftest import wait_for
@@ -407,3 +408,24 @@ def test_next_offsets_are_one_past_the_highest_per_partition():
     records = [KafkaRecord(topic="t", partition=p, offset=o) for p, o in [(0, 5), (1, 2), (0, 9), (0, 7)]]
     assert sorted((tp.partition, tp.offset) for tp in next_offsets(records)) == [(0, 10), (1, 3)]
     assert isinstance(next_offsets(records)[0], TopicPartition)
+
+
+async def test_a_client_thread_waiting_between_serves_runs_a_command_and_stops_when_asked():
+    # The producer's thread waits between serves while the loop serves its delivery reports; a command (flush,
+    # metadata) or a stop request must not wait that out. Here the wait is far longer than the bounds below.
+    loop = asyncio.get_running_loop()
+    served = []
+
+    def serve(client: object) -> None:
+        served.append(client)
+        thread.idle(300.0)
+
+    thread: ClientThread[object] = ClientThread("idle-test", loop, object, serve, lambda client: None)
+    thread.start()
+    await asyncio.wait_for(thread.started, 10)
+    await wait_for(lambda: bool(served), 10, "the thread's first serve")
+    assert await asyncio.wait_for(thread.call(lambda client: 42), 10) == 42
+    thread.request_stop()
+    await asyncio.wait_for(thread.finished, 10)
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive()

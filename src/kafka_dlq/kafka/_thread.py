@@ -125,6 +125,7 @@ class ClientThread(threading.Thread, Generic[C]):
         self._close = close
         self._commands: queue.SimpleQueue[tuple[Callable[[C], Any], asyncio.Future[Any]]] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a command or a stop request came: see idle()
         self.started: asyncio.Future[None] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
 
@@ -142,7 +143,13 @@ class ClientThread(threading.Thread, Generic[C]):
             raise ClientClosedError("the Kafka client is stopped; create a new one")
         future: asyncio.Future[R] = self.loop.create_future()
         self._commands.put((command, future))
+        self._wake.set()
         return future
+
+    def idle(self, timeout: float) -> None:
+        """Wait (on this thread) up to ``timeout`` seconds, or until a command or a stop request comes."""
+        self._wake.wait(timeout)
+        self._wake.clear()  # a command posted since is run next anyway: run() runs commands after every serve
 
     def _run_commands(self, client: C) -> None:
         while True:
@@ -159,6 +166,7 @@ class ClientThread(threading.Thread, Generic[C]):
 
     def request_stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
 
     def run(self) -> None:
         try:

@@ -43,8 +43,12 @@ _DEFAULTS: dict[str, Any] = {
 }
 _YIELD_EVERY = 50
 """Sends in a row before ``send`` serves delivery reports and lets the loop run other tasks."""
-_LOOP_SERVES_FOR = 0.01
+_TICK = 0.002
+"""Seconds between the loop's own polls for delivery reports while records are in flight and it sends none."""
+_LOOP_SERVES_FOR = 0.05
 """Seconds after the loop last served delivery reports during which the thread leaves them to it."""
+_THREAD_POLL = 0.02
+"""The longest the thread's own poll may wait: the loop may take over again that much later."""
 _RESOLVE_CHUNK = 250
 """Delivery futures resolved in one loop callback; more wait for the next, so other tasks run in between."""
 _Future = asyncio.Future
@@ -100,6 +104,8 @@ class AsyncProducer:
         self._to_resolve: deque[_Outcome] = deque()  # on the loop: handed over by the thread, not yet resolved
         self._resolve_scheduled = False
         self._loop_served_at = 0.0
+        self._ticking = False  # the loop's next poll for delivery reports is scheduled
+        self._thread_serves = False  # the thread runs a call that serves delivery reports itself (flush, commit)
         self._room = asyncio.Event()
         self._known_topics: set[str] = set()
         self._fatal: KafkaClientError | ConfigError | None = None
@@ -262,9 +268,7 @@ class AsyncProducer:
         """
 
         def flush(producer: Producer) -> int:
-            remaining = int(producer.flush(timeout))
-            self._dispatch()  # queued on the loop before flush's own result
-            return remaining
+            return self._serving(producer.flush, timeout)
 
         remaining = await self._call(flush)
         self._resolve(everything=True)
@@ -295,14 +299,37 @@ class AsyncProducer:
     # ---------------------------------------------------------------- delivery reports
 
     def _serve_on_loop(self, producer: Producer) -> None:
-        """Serve delivery reports on the loop, without waiting (``poll(0)``): their futures resolve at once."""
+        """Serve delivery reports on the loop, without waiting (``poll(0)``): their futures resolve at once.
+
+        Until every record is reported, the loop polls again every ``_TICK`` seconds, sending or not: the thread
+        stays out of it meanwhile (see ``_serve``).
+        """
         self._loop_served_at = time.monotonic()
-        if producer.poll(0):
+        loop = self._loop
+        assert loop is not None
+        if not self._thread_serves and producer.poll(0):  # never both at once: see _serve
             self._room.set()
             if not self._resolve_scheduled:
                 self._resolve_scheduled = True
-                assert self._loop is not None
-                self._loop.call_soon(self._resolve)
+                loop.call_soon(self._resolve)
+        if not self._ticking:
+            self._ticking = True
+            loop.call_later(_TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._ticking = False
+        producer = self._producer  # None once stopping: the thread serves what is left
+        if producer is not None and len(producer):  # queued, in flight, or reported and not yet served
+            self._serve_on_loop(producer)
+
+    def _serving(self, call: Callable[..., R], *args: Any) -> R:
+        """On the thread: ``call`` (flush, a transaction's commit) serves delivery reports; the loop stands aside."""
+        self._thread_serves = True
+        try:
+            return call(*args)
+        finally:
+            self._thread_serves = False
+            self._dispatch()  # queued on the loop before the call's own result
 
     def _dispatch(self) -> None:
         if self._completed:
@@ -356,13 +383,17 @@ class AsyncProducer:
     def _serve(self, producer: Producer) -> None:
         # confluent-kafka takes the GIL once per delivery report. While the loop runs Python code (sending),
         # every one of those takes waits for the loop to let go of the GIL, up to the 5 ms switch interval:
-        # this thread would crawl and hold the loop back at each turn. So while the loop serves the reports
-        # itself (send() does, between records), this thread stands aside; it serves them when the loop is idle.
+        # this thread would crawl and hold the loop back at each turn. And a thread that waits for the GIL is
+        # woken in vain each time the loop lets go of it, which the loop's own poll does once per report. So
+        # while the loop serves the reports itself (send() does, between records, and its ticks while records
+        # are in flight), this thread stays out of the way, waking only for commands; it serves them when the
+        # loop has not for a while (nothing in flight, or a loop kept busy by something else).
+        assert self._thread is not None
         since = time.monotonic() - self._loop_served_at
         if since < _LOOP_SERVES_FOR:
-            time.sleep(_LOOP_SERVES_FOR - since)
+            self._thread.idle(_LOOP_SERVES_FOR - since)
             return
-        producer.poll(self._poll_timeout)
+        producer.poll(min(self._poll_timeout, _THREAD_POLL))
         self._dispatch()
 
     def _close(self, producer: Producer) -> None:
@@ -452,14 +483,12 @@ class TransactionalProducer(AsyncProducer):
     async def _txn(self, command: Callable[[Producer], Any], what: str) -> Any:
         def run(producer: Producer) -> Any:
             try:
-                return command(producer)
+                return self._serving(command, producer)  # a commit flushes, and serves delivery reports
             except KafkaException as exc:
                 error = translate(exc, what)
                 kafka_error = exc.args[0] if exc.args else None
                 if isinstance(error, KafkaClientError):
                     error.abortable = isinstance(kafka_error, KafkaError) and bool(kafka_error.txn_requires_abort())
                 raise error from None
-            finally:
-                self._dispatch()
 
         return await self._call(run)
