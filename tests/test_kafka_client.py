@@ -56,6 +56,22 @@ async def test_records_round_trip_with_key_value_and_headers(kafka_bootstrap, to
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, topic, 1) == {0: 5}
 
 
+async def test_a_full_local_queue_makes_send_wait_for_room_and_loses_nothing(kafka_bootstrap, topic):
+    # librdkafka holds at most 10 records here; 300 sent without awaiting any delivery can only all be accepted
+    # if send() waited for delivery reports to make room (BufferError answered by awaiting).
+    config = {"bootstrap.servers": kafka_bootstrap, "queue.buffering.max.messages": 10}
+    queued = []
+    async with AsyncProducer(config) as producer:
+        futures = []
+        for i in range(300):
+            futures.append(await producer.send(topic, b"%d" % i))
+            assert producer._producer is not None
+            queued.append(len(producer._producer))
+        deliveries = await asyncio.gather(*futures)
+    assert max(queued) <= 10
+    assert [d.offset for d in deliveries] == list(range(300))
+
+
 async def test_batches_larger_than_a_slice_arrive_whole_in_offset_order(kafka_bootstrap, topic, group_id):
     # The consumer builds a handed-over batch 100 records per turn of the loop; the application still gets every
     # record once, in offset order, and a waiting getmany wakes to more than one slice's worth.
