@@ -167,28 +167,41 @@ def _round(options: BenchOptions, settings: Settings, data: Workload, number: in
     step = f"round {number} of {options.rounds}, " if options.rounds > 1 else ""
     with BenchTopics(options.bootstrap_servers, NAME, roles, partitions=options.partitions) as topics:
 
-        def ours(case: str, body: Callable[[LoopWatch], Coroutine[Any, Any, Timing]]) -> tuple[Timing, LoopWatch]:
-            options.progress(f"{step}{case}: ours")
+        def case(
+            name: str,
+            bare_first: bool,
+            bare: Callable[[], Timing],
+            ours: Callable[[LoopWatch], Coroutine[Any, Any, Timing]],
+        ) -> None:
             watch = LoopWatch()
-            return asyncio.run(body(watch)), watch
-
-        def bare(case: str, body: Callable[[], Timing]) -> Timing:
-            options.progress(f"{step}{case}: bare")
-            return body()
+            timings: dict[str, Timing] = {}
+            for side in ("bare", "ours") if bare_first else ("ours", "bare"):
+                options.progress(f"{step}{name}: {side}")
+                timings[side] = bare() if side == "bare" else asyncio.run(ours(watch))
+            out[name] = (Case(name=name, ours=timings["ours"], baseline=timings["bare"]), watch)
 
         # Each side consumes and copies the topic it produced itself: the same records, laid out the same way.
-        # The order alternates so that neither side always meets the broker first.
-        b = bare("produce", lambda: bare_produce(settings, topics["bare"], data))
-        o, watch = ours("produce", lambda watch: ours_produce(settings, topics["ours"], data, watch))
-        out["produce"] = (Case(name="produce", ours=o, baseline=b), watch)
-
-        o, watch = ours("consume", lambda watch: ours_consume(settings, topics["ours"], data, watch))
-        b = bare("consume", lambda: bare_consume(settings, topics["bare"], data))
-        out["consume"] = (Case(name="consume", ours=o, baseline=b), watch)
-
-        b = bare("copy", lambda: bare_copy(settings, topics["bare"], topics["bare-copy"], data))
-        o, watch = ours("copy", lambda watch: ours_copy(settings, topics["ours"], topics["ours-copy"], data, watch))
-        out["copy"] = (Case(name="copy", ours=o, baseline=b), watch)
+        # The order alternates from case to case and from round to round, so that neither side always meets the
+        # broker first, or always just after the other side's records.
+        odd = number % 2 == 1
+        case(
+            "produce",
+            odd,
+            lambda: bare_produce(settings, topics["bare"], data),
+            lambda watch: ours_produce(settings, topics["ours"], data, watch),
+        )
+        case(
+            "consume",
+            not odd,
+            lambda: bare_consume(settings, topics["bare"], data),
+            lambda watch: ours_consume(settings, topics["ours"], data, watch),
+        )
+        case(
+            "copy",
+            odd,
+            lambda: bare_copy(settings, topics["bare"], topics["bare-copy"], data),
+            lambda watch: ours_copy(settings, topics["ours"], topics["ours-copy"], data, watch),
+        )
     return out
 
 
