@@ -2,8 +2,8 @@
 
 ``produce`` is called from the loop (librdkafka only queues the record); a dedicated thread polls for delivery
 reports and resolves their futures on the loop in batches, and runs every call that waits (flush, transactions,
-metadata) so that none runs on the loop. While the loop is busy sending, it serves delivery reports itself with
-``poll(0)``, which never waits: see ``AsyncProducer._serve`` for why.
+metadata) so that none runs on the loop. While records are in flight, the loop serves their delivery reports
+itself with ``poll(0)``, which never waits (between sends, and every 2 ms): see ``AsyncProducer._serve`` for why.
 """
 
 from __future__ import annotations
@@ -237,6 +237,8 @@ class AsyncProducer:
                     self._sent_since_yield = 0
                     self._serve_on_loop(producer)
                     await asyncio.sleep(0)
+                elif not self._ticking:  # the loop serves this record's report too, within a tick of its arrival
+                    self._tick_soon()
                 return future
             except BufferError:
                 # The local queue is full: wait for delivery reports to make room, never spin or block.
@@ -318,8 +320,12 @@ class AsyncProducer:
                 self._resolve_scheduled = True
                 loop.call_soon(self._resolve)
         if not self._ticking:
-            self._ticking = True
-            loop.call_later(_TICK, self._tick)
+            self._tick_soon()
+
+    def _tick_soon(self) -> None:
+        self._ticking = True
+        assert self._loop is not None
+        self._loop.call_later(_TICK, self._tick)
 
     def _tick(self) -> None:
         self._ticking = False
