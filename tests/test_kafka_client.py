@@ -249,6 +249,42 @@ async def test_an_aborted_transaction_leaves_nothing_and_the_retry_commits_both(
     assert await asyncio.to_thread(committed_offsets, kafka_bootstrap, group_id, source, 1) == {0: 10}
 
 
+async def test_records_read_after_a_rewind_while_the_loop_is_busy_are_delivered_again(kafka_bootstrap, topic, group_id):
+    # The thread wakes the loop once for the batches it puts down while the loop is busy. A rewind in between
+    # (a new generation of the partition) must still be applied after the batches read before it and before those
+    # read after it: built under the old generation, those would be dropped as stale, and then committed past.
+    await asyncio.to_thread(seed, kafka_bootstrap, topic, _records(3000))
+    async with _consumer(kafka_bootstrap, group_id, [topic], batch_size=10, max_pending=100_000) as consumer:
+        first: list[KafkaRecord] = []
+        while not first:
+            first = await consumer.getmany(timeout=5)  # assigned and reading; nothing done, nothing committed
+        thread = consumer._thread
+        assert thread is not None
+
+        def busy_until(condition, what: str) -> None:
+            # The loop is kept busy (not blocked in a call): what the thread hands over meanwhile waits for it.
+            deadline = time.monotonic() + 20
+            while not condition():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"never saw {what}")
+
+        busy_until(lambda: len(consumer._handover) > 0, "a batch put down while the loop is busy")
+        generation = consumer._generation
+        rewound = thread.call(consumer._rewind)
+        busy_until(lambda: consumer._generation > generation, "the rewind on the consumer's thread")
+        after = len(consumer._handover)
+        busy_until(lambda: len(consumer._handover) >= after + 2, "batches read after the rewind")
+        await rewound
+
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 3000 and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout=1)
+            seen.update(r.offset for r in batch)
+            consumer.done_many(batch)
+    assert sorted(set(range(3000)) - seen)[:20] == []
+
+
 def _read_to_end(bootstrap: str, topic: str) -> list:
     """What a read_committed consumer sees of partition 0, read until its position reaches the end of the log."""
     consumer = Consumer(

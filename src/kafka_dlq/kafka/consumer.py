@@ -131,9 +131,10 @@ class AsyncConsumer:
         self._loop_thread: int | None = None
         self._buffer: deque[KafkaRecord] = deque()
         self._incoming: deque[list[Message]] = deque()  # batches handed over, not yet built into records
-        # Batches the thread has put down for the loop, and whether the loop has been woken to pick them up: the
-        # thread wakes it once, not once per batch, while it is busy (see _hand_over).
-        self._handover: deque[list[Message]] = deque()
+        # What the thread has put down for the loop, in the order it happened: batches, and partition changes (a
+        # call and its arguments); and whether the loop has been woken to pick them up: the thread wakes it once,
+        # not once per batch, while it is busy (see _hand_over).
+        self._handover: deque[list[Message] | tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._wake_pending = False
         self._incoming_at = 0  # how far into the first incoming batch the records are built
         self._taking = False  # a slice of the incoming batches is scheduled
@@ -358,9 +359,17 @@ class AsyncConsumer:
             self._take_slice()
 
     def _pick_up(self) -> None:
+        """Take what the thread put down, in order: a partition change applies once the batches read before it are
+        built (under the assignment they were read in), and before those read after it."""
         handover, incoming = self._handover, self._incoming
         while handover:
-            incoming.append(handover.popleft())
+            item = handover.popleft()
+            if isinstance(item, list):
+                incoming.append(item)
+            else:
+                self._build_incoming()
+                call, args = item
+                call(*args)
 
     def _take_slice(self) -> None:
         """Build the records of the next ``_SLICE`` messages; the rest wait for the next turn of the loop."""
@@ -373,8 +382,11 @@ class AsyncConsumer:
             self._taking = False
 
     def _take_all(self) -> None:
-        """Build every record handed over so far (before the assignment changes: they belong to the old one)."""
+        """Take and build everything the thread has handed over so far."""
         self._pick_up()
+        self._build_incoming()
+
+    def _build_incoming(self) -> None:
         while self._incoming:
             self._take(len(self._incoming[0]))
 
@@ -454,7 +466,7 @@ class AsyncConsumer:
         self._arrived.set()
 
     def _on_partitions(self, assigned: dict[TP, PartitionOffsets], revoked: list[TP]) -> None:
-        self._take_all()  # records read before the change, under the assignment they were read in
+        """A partition change, from the thread through the handover (see _pick_up)."""
         for tp in revoked:
             self._current.pop(tp, None)
         for tp, offsets in assigned.items():
@@ -539,19 +551,24 @@ class AsyncConsumer:
         if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
             self._commit_async(consumer)
 
-    def _hand_over(self, messages: list[Message]) -> None:
+    def _hand_over(self, item: list[Message] | tuple[Callable[..., None], tuple[Any, ...]]) -> None:
         # Put the batch down, and wake the loop only if no wake-up is on its way: while the loop is busy, the
         # batches that follow ride on the one already queued. A wake-up writes to the loop's self-pipe, and that
         # write lets go of the GIL: this thread would then wait to take it back (up to the 5 ms switch interval)
         # while the loop runs, and every GIL release on the loop (one per delivery report in the producer's
         # poll) would wake it in vain. One GIL take per batch instead of two. The loop clears the flag before it
-        # picks up, so a batch put down after its pick-up always wakes it again; and call_soon_threadsafe keeps
-        # the order, so a rebalance handed over later still finds its batches picked up first.
-        self._handover.append(messages)
+        # picks up, so a batch put down after its pick-up always wakes it again. A partition change goes down the
+        # same way (_post), so the loop applies it between the batches read before it and those read after it,
+        # whichever wake-up picks them up.
+        self._handover.append(item)
         if not self._wake_pending:
             self._wake_pending = True
             assert self._thread is not None
             self._thread.call_on_loop(self._on_batches)
+
+    def _post(self, call: Callable[..., None], *args: Any) -> None:
+        """On the thread: have the loop run ``call(*args)`` in order with the batches handed over."""
+        self._hand_over((call, args))
 
     def _message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
@@ -628,8 +645,7 @@ class AsyncConsumer:
             key = (tp.topic, tp.partition)
             assigned[key] = self._tracked[key] = PartitionOffsets(self._generation, done_before.get(key))
             self._paused.discard(key)
-        assert self._thread is not None
-        self._thread.call_on_loop(self._on_partitions, assigned, [])
+        self._post(self._on_partitions, assigned, [])
 
     def _done_before(self, consumer: Consumer, partitions: list[TopicPartition]) -> dict[TP, set[int]]:
         """Per partition, the offsets above the committed one that the previous owner had finished."""
@@ -651,8 +667,7 @@ class AsyncConsumer:
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Before the partitions go: let in-progress records finish (bounded), then commit what is done."""
         revoked = [(tp.topic, tp.partition) for tp in partitions]
-        assert self._thread is not None
-        self._thread.call_on_loop(self._on_partitions, {}, revoked)
+        self._post(self._on_partitions, {}, revoked)
         deadline = time.monotonic() + (min(self._revoke_timeout, 2.0) if self._closing else self._revoke_timeout)
         while time.monotonic() < deadline:
             # The loop marks records done (and releases the ones it had not handed out) on these same objects.
@@ -670,16 +685,15 @@ class AsyncConsumer:
             log.warning("consumer %s: commit at revoke failed: %s", self.group_id, exc)
         gone = {tp: self._tracked.pop(tp) for tp in revoked if tp in self._tracked}
         self._paused.difference_update(revoked)
-        self._thread.call_on_loop(self._forget, gone)
+        self._post(self._forget, gone)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost partitions (session timed out) cannot be committed: forget them; their records come again."""
         lost = [(tp.topic, tp.partition) for tp in partitions]
-        assert self._thread is not None
-        self._thread.call_on_loop(self._on_partitions, {}, lost)
+        self._post(self._on_partitions, {}, lost)
         gone = {tp: self._tracked.pop(tp) for tp in lost if tp in self._tracked}
         self._paused.difference_update(lost)
-        self._thread.call_on_loop(self._forget, gone)
+        self._post(self._forget, gone)
 
     def _rewind(self, consumer: Consumer) -> None:
         assignment = consumer.assignment()
@@ -691,8 +705,7 @@ class AsyncConsumer:
             assigned[key] = self._tracked[key] = PartitionOffsets(self._generation)
             offset = tp.offset if tp.offset >= 0 else _reset_offset(self._config.get("auto.offset.reset"))
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-        assert self._thread is not None
-        self._thread.call_on_loop(self._on_partitions, assigned, [])
+        self._post(self._on_partitions, assigned, [])
 
     def _close(self, consumer: Consumer) -> None:
         self._closing = True
