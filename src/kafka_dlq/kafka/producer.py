@@ -485,16 +485,18 @@ class TransactionalProducer(AsyncProducer):
 
     async def commit(self) -> None:
         """Commit the transaction: its records become visible to read_committed consumers, its offsets commit."""
-        await self._txn(lambda producer: producer.commit_transaction(self._txn_timeout), "commit transaction")
+        await self._txn(lambda producer: producer.commit_transaction(self._txn_timeout), "commit transaction", True)
 
     async def abort(self) -> None:
         """Abort the transaction: its records stay invisible, its offsets are not committed."""
-        await self._txn(lambda producer: producer.abort_transaction(self._txn_timeout), "abort transaction")
+        await self._txn(lambda producer: producer.abort_transaction(self._txn_timeout), "abort transaction", True)
 
-    async def _txn(self, command: Callable[[Producer], Any], what: str) -> Any:
+    async def _txn(self, command: Callable[[Producer], Any], what: str, flushes: bool = False) -> Any:
         def run(producer: Producer) -> Any:
             try:
-                return self._serving(command, producer)  # a commit flushes, and serves delivery reports
+                if flushes:  # commit and abort wait for the records in flight, serving their delivery reports
+                    return self._serving(command, producer)
+                return command(producer)  # the loop goes on serving delivery reports meanwhile
             except KafkaException as exc:
                 error = translate(exc, what)
                 kafka_error = exc.args[0] if exc.args else None
