@@ -330,8 +330,11 @@ class AsyncProducer:
     def _tick(self) -> None:
         self._ticking = False
         producer = self._producer  # None once stopping: the thread serves what is left
-        if producer is not None and len(producer):  # queued, in flight, or reported and not yet served
-            self._serve_on_loop(producer)
+        try:
+            if producer is not None and len(producer):  # queued, in flight, or reported and not yet served
+                self._serve_on_loop(producer)
+        except RuntimeError:  # closed by its thread (a fatal error) just before the loop heard: it served the rest
+            pass
 
     def _serving(self, call: Callable[..., R], *args: Any) -> R:
         """On the thread: ``call`` (flush, a transaction's commit) serves delivery reports; the loop stands aside."""
