@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
+from rich.text import Text
 
 from kafka_dlq.errors import KafkaDLQError
 
@@ -250,8 +252,13 @@ def bench_command(
         if as_json:  # stdout holds the one JSON document and nothing else
             report = run_bench(name, options)
         else:
-            with Console(stderr=True).status(f"bench {name}: starting") as status:
-                steps = dataclasses.replace(options, progress=lambda step: status.update(f"bench {name}: {step}"))
+            # Redrawn at each step only: a spinner's refresh thread would take the GIL from the loop being measured.
+            with Live(
+                Text(f"bench {name}: starting"), console=Console(stderr=True), auto_refresh=False, transient=True
+            ) as live:
+                steps = dataclasses.replace(
+                    options, progress=lambda step: live.update(Text(f"bench {name}: {step}"), refresh=True)
+                )
                 report = run_bench(name, steps)
     except KafkaDLQError as exc:
         raise _fail(exc) from exc
