@@ -507,6 +507,11 @@ class KafkaServer(_Server):
             f"-Xms{heap}",
             f"-Xmx{heap}",
             "-XX:+UseG1GC",
+            # The broker shares the machine with the clients it serves (the tests, the benchmarks, your app): its
+            # collector's pauses take at most half the cores, not all of them, so the clients' threads keep
+            # running. Measured with `kafka-dlq bench client` on 2 cores, 8 runs each after a broker start:
+            # loop-lag p99 median 10.1 -> 8.9 ms, max 15-70 -> 12-34 ms.
+            f"-XX:ParallelGCThreads={max(1, (os.cpu_count() or 2) // 2)}",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.directory / 'log4j2.properties'}",
             "-cp",
