@@ -73,6 +73,8 @@ _CONSUME_AT_MOST = 200
 _SLICE = 100
 """Records built from the thread's batches per turn of the loop (see ``AsyncConsumer._take_slice``)."""
 _OWNED = {"enable.auto.commit", "enable.auto.offset.store", "on_commit", "error_cb"}
+_Handed = list[Message] | tuple[Callable[..., None], tuple[Any, ...]]
+"""What the consumer's thread hands the loop: a batch, or a partition change (a call and its arguments)."""
 
 
 class AsyncConsumer:
@@ -134,7 +136,7 @@ class AsyncConsumer:
         # What the thread has put down for the loop, in the order it happened: batches, and partition changes (a
         # call and its arguments); and whether the loop has been woken to pick them up: the thread wakes it once,
         # not once per batch, while it is busy (see _hand_over).
-        self._handover: deque[list[Message] | tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._handover: deque[_Handed] = deque()
         self._wake_pending = False
         self._incoming_at = 0  # how far into the first incoming batch the records are built
         self._taking = False  # a slice of the incoming batches is scheduled
@@ -551,7 +553,7 @@ class AsyncConsumer:
         if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
             self._commit_async(consumer)
 
-    def _hand_over(self, item: list[Message] | tuple[Callable[..., None], tuple[Any, ...]]) -> None:
+    def _hand_over(self, item: _Handed) -> None:
         # Put the batch down, and wake the loop only if no wake-up is on its way: while the loop is busy, the
         # batches that follow ride on the one already queued. A wake-up writes to the loop's self-pipe, and that
         # write lets go of the GIL: this thread would then wait to take it back (up to the 5 ms switch interval)
