@@ -140,8 +140,11 @@ def dev_up(
     if stack is not None:
         dev_down()
     folder = _folder()
-    kafka = KafkaServer(port=kafka_port, controller_port=controller_port, data_dir=folder / "kafka")
-    redis = RedisServer(port=redis_port, data_dir=folder / "redis", appendonly=True)
+    # The stack runs on after this command ends: its servers outlive the process that starts them.
+    kafka = KafkaServer(
+        port=kafka_port, controller_port=controller_port, data_dir=folder / "kafka", outlive_parent=True
+    )
+    redis = RedisServer(port=redis_port, data_dir=folder / "redis", appendonly=True, outlive_parent=True)
     try:
         kafka.start()
         redis.start()

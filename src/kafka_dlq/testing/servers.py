@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -239,17 +240,36 @@ def redis_pings(port: int) -> bool:
         return False
 
 
-class _Process:
-    """A server child process: its own session (a Ctrl-C at the terminal does not reach it), output to a log."""
+_STOP_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"  # PR_SET_PDEATHSIG: kept across the exec below
+    "if os.getppid() != int(sys.argv[1]):\n"  # the parent was gone before the prctl took effect
+    "    sys.exit('kafka-dlq: the process that started this server has ended')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+"""Run by ``sys.executable`` before the server: Linux sends it SIGTERM when the thread that started it ends."""
 
-    def __init__(self, name: str, log_path: Path) -> None:
+
+class _Process:
+    """A server child process: its own session (a Ctrl-C at the terminal does not reach it), output to a log.
+
+    Unless ``outlive_parent``, the server stops (SIGTERM) when the thread that started it ends, however it ends: a
+    test run killed by SIGKILL or by CI's timeout leaves no broker behind to hold its ports and a core (Linux only).
+    """
+
+    def __init__(self, name: str, log_path: Path, *, outlive_parent: bool = False) -> None:
         self.name = name
         self.log_path = log_path
+        self.outlive_parent = outlive_parent
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def spawn(self, argv: Sequence[str], cwd: Path) -> None:
         self._log = self.log_path.open("ab")
+        if not self.outlive_parent and sys.platform == "linux":
+            # A launcher that execs the server, not a preexec_fn: that would run Python in a child forked from a
+            # process whose other threads (librdkafka's) may hold locks the child then waits for for ever.
+            argv = [sys.executable, "-c", _STOP_WITH_PARENT, str(os.getpid()), *argv]
         self.popen = subprocess.Popen(
             list(argv),
             cwd=cwd,
@@ -333,16 +353,22 @@ class _Process:
 
 
 class _Server:
-    """What Kafka and Redis servers share: a folder, a process, a lifecycle."""
+    """What Kafka and Redis servers share: a folder, a process, a lifecycle.
+
+    A server ends with the thread that started it (a test run that is killed leaves none behind), unless it is
+    made with ``outlive_parent=True``, as ``kafka-dlq dev up`` makes its own.
+    """
 
     name = "server"
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None, startup_timeout: float) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None, startup_timeout: float, outlive_parent: bool = False
+    ) -> None:
         self._own_dir = data_dir is None
         self.directory = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix=f"kafka-dlq-{self.name}-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.startup_timeout = startup_timeout
-        self.process = _Process(self.name, self.directory / "server.log")
+        self.process = _Process(self.name, self.directory / "server.log", outlive_parent=outlive_parent)
         self.ready_seconds: float | None = None
 
     @property
@@ -455,8 +481,9 @@ class KafkaServer(_Server):
         heap: str = "512m",
         properties: Mapping[str, str] | None = None,
         startup_timeout: float = 90.0,
+        outlive_parent: bool = False,
     ) -> None:
-        super().__init__(data_dir, startup_timeout)
+        super().__init__(data_dir, startup_timeout, outlive_parent)
         # Picked together, so the broker and the controller never get the same port (nor a port given here).
         spare = [p for p in free_ports(2) if p not in (port, controller_port)] if not (port and controller_port) else []
         self.port = port or spare.pop(0)
@@ -584,8 +611,9 @@ class RedisServer(_Server):
         extra_args: Sequence[str] = (),
         startup_timeout: float = 20.0,
         binary: str | os.PathLike[str] | None = None,
+        outlive_parent: bool = False,
     ) -> None:
-        super().__init__(data_dir, startup_timeout)
+        super().__init__(data_dir, startup_timeout, outlive_parent)
         self.port = port or free_port()
         self.binary = binary
         self.appendonly = appendonly
