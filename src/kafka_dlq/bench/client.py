@@ -102,7 +102,7 @@ class Settings:
             "linger.ms": 5,
             "batch.size": 262_144,
             "batch.num.messages": 1000,
-            "queue.buffering.max.messages": 5000,
+            "queue.buffering.max.messages": 1000,
             **self.base,
         }
 

@@ -40,11 +40,15 @@ _DEFAULTS: dict[str, Any] = {
     # no throughput measurable here (`kafka-dlq bench client`).
     "batch.size": 262_144,
     "batch.num.messages": 1000,
-    # At most 5,000 records queued or in flight (librdkafka: 100,000): five full batches, enough to keep the
-    # broker busy, and few enough that a burst of delivery reports after a broker pause, and the garbage
-    # collector's walks over the futures in flight, stay short. A send that finds the queue full awaits room.
-    # Measured (`kafka-dlq bench client`, under a noisy neighbour): loop-lag p99 10.1 -> 8.2 ms, max 21 -> 15 ms.
-    "queue.buffering.max.messages": 5000,
+    # At most 1,000 records queued or in flight (librdkafka: 100,000). The loop serves delivery reports itself, and
+    # one poll(0) serves every report that has arrived, about 2 us each: after the loop was off the CPU for a
+    # moment, or the broker paused and then acknowledged everything at once, that is all the records in flight,
+    # in one slice of the loop's time. A thousand bound it near 2 ms. A send that finds the queue full awaits room.
+    # Measured (`kafka-dlq bench client`, 6 alternating runs each): loop-lag p99 median 8.9 ms with 5,000, 6.5 ms
+    # with 1,000 (produce case 7.5-14 -> 2.1-5.2 ms), at the same rates (produce 104-150k vs 92-143k rec/s); 500
+    # halves the produce rate. The bound caps a producer at 1,000 records per acknowledgement round trip: one far
+    # from its brokers (tens of ms away) that must send faster than that raises it.
+    "queue.buffering.max.messages": 1000,
 }
 _YIELD_EVERY = 50
 """Sends in a row before ``send`` serves delivery reports and lets the loop run other tasks."""
