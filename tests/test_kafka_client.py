@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import time
 from collections.abc import Callable
 
@@ -352,6 +354,45 @@ async def test_a_broker_restart_mid_run_loses_no_record(own_broker: KafkaServer)
             print(f"restart: {len(seen)} of {total} seen")
     assert len(deliveries) == total
     assert seen == set(range(total))
+
+
+async def test_while_no_acknowledgement_comes_the_loop_stops_polling_and_loses_nothing(own_broker: KafkaServer):
+    # A broker that does not answer (SIGSTOP: down, paused, cut off) leaves records in flight for as long as it
+    # takes. The loop must not wake every 2 ms for all that time to find no report: the producer's thread waits for
+    # them instead, and every record is still delivered, in order, once the broker answers again.
+    from kafka_dlq.kafka.admin import create_topics
+
+    bootstrap = own_broker.bootstrap_servers
+    await asyncio.to_thread(create_topics, bootstrap, {"paused": 1})
+    pid = own_broker.process.pid
+    assert pid is not None
+    async with AsyncProducer({"bootstrap.servers": bootstrap}) as producer:
+        await producer.produce("paused", b"before")
+        loop_polls = 0
+        serve = producer._serve_on_loop
+
+        def counting(client):
+            nonlocal loop_polls
+            loop_polls += 1
+            return serve(client)
+
+        producer._serve_on_loop = counting  # type: ignore[method-assign]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            futures = [await producer.send("paused", b"%d" % i) for i in range(10)]
+            quiet_second = False
+            for _ in range(10):  # a whole second without one poll on the loop (it ticked 500 times a second)
+                before = loop_polls
+                await asyncio.sleep(1.0)
+                if loop_polls == before:
+                    quiet_second = True
+                    break
+            assert quiet_second, f"the loop polled {loop_polls} times while no acknowledgement could come"
+            assert not any(future.done() for future in futures)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deliveries = await asyncio.wait_for(asyncio.gather(*futures), 60)
+    assert [delivery.offset for delivery in deliveries] == list(range(1, 11))
 
 
 async def test_unknown_config_keys_are_a_clear_config_error(kafka_bootstrap, topic, group_id):

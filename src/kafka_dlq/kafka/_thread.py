@@ -146,6 +146,10 @@ class ClientThread(threading.Thread, Generic[C]):
         self._wake.set()
         return future
 
+    def wake(self) -> None:
+        """End this thread's ``idle`` now (from any thread): it has something to do."""
+        self._wake.set()
+
     def idle(self, timeout: float) -> None:
         """Wait (on this thread) up to ``timeout`` seconds, or until a command or a stop request comes."""
         self._wake.wait(timeout)

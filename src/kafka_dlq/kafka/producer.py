@@ -54,6 +54,11 @@ _YIELD_EVERY = 50
 """Sends in a row before ``send`` serves delivery reports and lets the loop run other tasks."""
 _TICK = 0.002
 """Seconds between the loop's own polls for delivery reports while records are in flight and it sends none."""
+_QUIET_TICKS = 25
+"""Ticks in a row that serve no report, with no send either, before the loop leaves the reports to the thread.
+
+Acknowledgements come within milliseconds, or not for a long while (a broker that is down, paused, far away): the
+thread then waits for them in poll(), which sleeps, instead of the loop waking 500 times a second to find none."""
 _LOOP_SERVES_FOR = 0.05
 """Seconds after the loop last served delivery reports during which the thread leaves them to it."""
 _THREAD_POLL = 0.02
@@ -114,6 +119,7 @@ class AsyncProducer:
         self._resolve_scheduled = False
         self._loop_served_at = 0.0
         self._ticking = False  # the loop's next poll for delivery reports is scheduled
+        self._quiet_ticks = 0  # ticks in a row that served no delivery report, with no send in between
         self._thread_serves = False  # the thread runs a call that serves delivery reports itself (flush, commit)
         self._room = asyncio.Event()
         self._known_topics: set[str] = set()
@@ -235,6 +241,7 @@ class AsyncProducer:
         while True:
             try:
                 producer.produce(topic, value, key, where, on_delivery, None, timestamp or 0, listed)
+                self._quiet_ticks = 0
                 self._sent_since_yield += 1
                 if self._sent_since_yield >= _YIELD_EVERY:
                     # A tight loop of sends never waits; let the loop breathe so it serves everything else too.
@@ -309,22 +316,24 @@ class AsyncProducer:
 
     # ---------------------------------------------------------------- delivery reports
 
-    def _serve_on_loop(self, producer: Producer) -> None:
+    def _serve_on_loop(self, producer: Producer) -> bool:
         """Serve delivery reports on the loop, without waiting (``poll(0)``): their futures resolve at once.
 
         Until every record is reported, the loop polls again every ``_TICK`` seconds, sending or not: the thread
-        stays out of it meanwhile (see ``_serve``).
+        stays out of it meanwhile (see ``_serve``). True when it served any.
         """
         self._loop_served_at = time.monotonic()
         loop = self._loop
         assert loop is not None
-        if not self._thread_serves and producer.poll(0):  # never both at once: see _serve
+        served = not self._thread_serves and producer.poll(0) > 0  # never both at once: see _serve
+        if served:
             self._room.set()
             if not self._resolve_scheduled:
                 self._resolve_scheduled = True
                 loop.call_soon(self._resolve)
         if not self._ticking:
             self._tick_soon()
+        return served
 
     def _tick_soon(self) -> None:
         self._ticking = True
@@ -335,8 +344,16 @@ class AsyncProducer:
         self._ticking = False
         producer = self._producer  # None once stopping: the thread serves what is left
         try:
-            if producer is not None and len(producer):  # queued, in flight, or reported and not yet served
-                self._serve_on_loop(producer)
+            if producer is None or not len(producer):  # nothing queued, in flight, or reported and not yet served
+                return
+            if self._quiet_ticks >= _QUIET_TICKS:
+                # Nothing reported for a while, and nothing sent: the thread waits for the reports from now on,
+                # until the next send. It starts at once, not a _LOOP_SERVES_FOR after this last tick.
+                self._loop_served_at = 0.0
+                assert self._thread is not None
+                self._thread.wake()
+                return
+            self._quiet_ticks = 0 if self._serve_on_loop(producer) else self._quiet_ticks + 1
         except RuntimeError:  # closed by its thread (a fatal error) just before the loop heard: it served the rest
             pass
 
