@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
+from kafka_dlq.testing import RedisServer
 from kafka_dlq.testing.servers import pid_alive, redis_pings
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="a parent-death signal is Linux's")
@@ -77,3 +79,21 @@ def test_a_server_made_to_outlive_its_parent_goes_on_after_it_is_killed(tmp_path
         child.stdout.close()
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_server_started_from_a_thread_that_ends_goes_on_running(tmp_path):
+    # Linux sends the parent-death signal when the *thread* that started a child ends: a server started from
+    # asyncio.to_thread or any short-lived thread must not stop with it, only with the process.
+    server = RedisServer(data_dir=tmp_path / "redis")
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    starter.join(30)
+    try:
+        assert server.running
+        pid = server.process.pid
+        assert pid is not None
+
+        assert not _gone_within(pid, 2), "the server ended with the thread that started it"
+        assert redis_pings(server.port)
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ set-up code, fixtures and the CLI, not for the event loop.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import resources
@@ -249,11 +251,28 @@ _STOP_WITH_PARENT = (
 )
 """Run by ``sys.executable`` before the server: Linux sends it SIGTERM when the thread that started it ends."""
 
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawner_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that starts servers, alive as long as this process.
+
+    Linux sends the parent-death signal when the *thread* that started the child ends, not the process: a server
+    started from a short-lived thread (``asyncio.to_thread``) would stop with it. This one ends only when the
+    process does.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-dlq-servers")
+        return _spawner
+
 
 class _Process:
     """A server child process: its own session (a Ctrl-C at the terminal does not reach it), output to a log.
 
-    Unless ``outlive_parent``, the server stops (SIGTERM) when the thread that started it ends, however it ends: a
+    Unless ``outlive_parent``, the server stops (SIGTERM) when the process that started it ends, however it ends: a
     test run killed by SIGKILL or by CI's timeout leaves no broker behind to hold its ports and a core (Linux only).
     """
 
@@ -269,8 +288,13 @@ class _Process:
         if not self.outlive_parent and sys.platform == "linux":
             # A launcher that execs the server, not a preexec_fn: that would run Python in a child forked from a
             # process whose other threads (librdkafka's) may hold locks the child then waits for for ever.
-            argv = [sys.executable, "-c", _STOP_WITH_PARENT, str(os.getpid()), *argv]
-        self.popen = subprocess.Popen(
+            launched = [sys.executable, "-c", _STOP_WITH_PARENT, str(os.getpid()), *argv]
+            self.popen = _spawner_thread().submit(self._popen, launched, cwd).result()
+        else:
+            self.popen = self._popen(argv, cwd)
+
+    def _popen(self, argv: Sequence[str], cwd: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             list(argv),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -355,7 +379,7 @@ class _Process:
 class _Server:
     """What Kafka and Redis servers share: a folder, a process, a lifecycle.
 
-    A server ends with the thread that started it (a test run that is killed leaves none behind), unless it is
+    A server ends with the process that started it (a test run that is killed leaves none behind), unless it is
     made with ``outlive_parent=True``, as ``kafka-dlq dev up`` makes its own.
     """
 
