@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,16 +30,25 @@ _STARTER = textwrap.dedent(
 )
 
 
-def _start_in_a_child(tmp_path, mode: str) -> tuple[subprocess.Popen[str], int, int]:
-    """A Python process that starts a Redis server, says its pid and port, and waits to be killed."""
+@contextlib.contextmanager
+def _started_in_a_child(tmp_path, mode: str) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """A Python process that starts a Redis server, says its pid and port, and waits to be killed; both end after."""
     child = subprocess.Popen(
         [sys.executable, "-c", _STARTER, str(tmp_path / "redis"), mode], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
-    line = child.stdout.readline()
-    assert line, f"the starter printed nothing (exit code {child.poll()})"
-    pid, port = (int(word) for word in line.split())
-    return child, pid, port
+    pid = 0
+    try:
+        line = child.stdout.readline()
+        assert line, f"the starter printed nothing (exit code {child.poll()})"
+        pid, port = (int(word) for word in line.split())
+        yield child, pid, port
+    finally:
+        child.kill()
+        child.wait(10)
+        child.stdout.close()
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
@@ -50,35 +61,21 @@ def _gone_within(pid: int, seconds: float) -> bool:
 
 
 def test_a_server_stops_when_the_process_that_started_it_is_killed(tmp_path):
-    child, pid, port = _start_in_a_child(tmp_path, "stop")
-    try:
+    with _started_in_a_child(tmp_path, "stop") as (child, pid, port):
         assert redis_pings(port)
         child.send_signal(signal.SIGKILL)  # no cleanup runs: no finally, no atexit
         child.wait(10)
 
         assert _gone_within(pid, 30), f"redis-server {pid} outlived the killed process that started it"
-    finally:
-        child.kill()
-        child.wait(10)
-        child.stdout.close()
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_server_made_to_outlive_its_parent_goes_on_after_it_is_killed(tmp_path):
-    child, pid, port = _start_in_a_child(tmp_path, "outlive")
-    try:
+    with _started_in_a_child(tmp_path, "outlive") as (child, pid, port):
         child.send_signal(signal.SIGKILL)
         child.wait(10)
 
         assert not _gone_within(pid, 2), "the server ended with its parent although it was made to outlive it"
         assert redis_pings(port)
-    finally:
-        child.kill()
-        child.wait(10)
-        child.stdout.close()
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_server_started_from_a_thread_that_ends_goes_on_running(tmp_path):
