@@ -319,8 +319,9 @@ class AsyncProducer:
     def _serve_on_loop(self, producer: Producer) -> bool:
         """Serve delivery reports on the loop, without waiting (``poll(0)``): their futures resolve at once.
 
-        Until every record is reported, the loop polls again every ``_TICK`` seconds, sending or not: the thread
-        stays out of it meanwhile (see ``_serve``). True when it served any.
+        Until every record is reported, the loop polls again every ``_TICK`` seconds, sending or not, and the
+        thread stays out of it meanwhile (see ``_serve``); after ``_QUIET_TICKS`` polls in a row that find nothing,
+        with nothing sent, it hands them back to the thread (see ``_tick``). True when it served any.
         """
         self._loop_served_at = time.monotonic()
         loop = self._loop
