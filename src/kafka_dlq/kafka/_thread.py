@@ -143,7 +143,7 @@ class ClientThread(threading.Thread, Generic[C]):
             raise ClientClosedError("the Kafka client is stopped; create a new one")
         future: asyncio.Future[R] = self.loop.create_future()
         self._commands.put((command, future))
-        self._wake.set()
+        self.wake()
         return future
 
     def wake(self) -> None:
@@ -170,7 +170,7 @@ class ClientThread(threading.Thread, Generic[C]):
 
     def request_stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
+        self.wake()
 
     def run(self) -> None:
         try:

@@ -3,7 +3,8 @@
 ``produce`` is called from the loop (librdkafka only queues the record); a dedicated thread polls for delivery
 reports and resolves their futures on the loop in batches, and runs every call that waits (flush, transactions,
 metadata) so that none runs on the loop. While records are in flight, the loop serves their delivery reports
-itself with ``poll(0)``, which never waits (between sends, and every 2 ms): see ``AsyncProducer._serve`` for why.
+itself with ``poll(0)``, which never waits (between sends, and every 2 ms until acknowledgements stop coming):
+see ``AsyncProducer._serve`` for why.
 """
 
 from __future__ import annotations
